@@ -1,0 +1,231 @@
+"""
+GPT-2 as released by OpenAI, in plain PyTorch.
+
+Parameter names follow GPT-2's own checkpoints (transformer.wte, transformer.h.0.attn.c_attn, ...),
+so Hugging Face's GPT-2 weights load onto this model one to one (their Conv1D weights transposed).
+Used by train.py, inference.py and app.py.
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 tokenizer; <|endoftext|> is 50256
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # 50257 padded up to a multiple of 128: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, so that generating one more
+    token costs one position of work instead of the whole prefix."""
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions filled
+
+    @property
+    def max_len(self):
+        return self.k.size(3)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None or cache.pos == 0:
+            if cache is not None:  # first call: the whole prompt, store it for the next ones
+                cache.k[layer, :B, :, :T] = k
+                cache.v[layer, :B, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # later calls: the new positions see every cached one and, among themselves, the earlier
+            p = cache.pos
+            cache.k[layer, :B, :, p:p + T] = k
+            cache.v[layer, :B, :, p:p + T] = v
+            k, v = cache.k[layer, :B, :, :p + T], cache.v[layer, :B, :, :p + T]
+            mask = None
+            if T > 1:  # row i (absolute position p + i) may look at columns 0 .. p + i
+                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2 was trained with the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-LayerNorm: the residual stream stays clean
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size >= GPT2_VOCAB_SIZE, 'the GPT-2 tokenizer has 50257 tokens'
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, 'RESIDUAL_SCALE_INIT', False):
+                # each block adds twice to the residual stream: keep its variance from growing with depth
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # the tied wte/lm_head weight counts once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss against
+        targets (B, T), or None without targets. With a KVCache, idx holds only the new positions
+        and the cache advances by T."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f'sequence of length {start + T} is longer than block_size {self.config.block_size}')
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        if targets is None:
+            # the padded ids 50257..50303 are no tokens at all: they must never be sampled
+            logits[..., GPT2_VOCAB_SIZE:] = float('-inf')
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def optim_groups(self, weight_decay):
+        """Every tensor of 2 or more dimensions (matmul weights, embeddings) decays; biases and
+        LayerNorm gains do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.0},
+        ]
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                             device_type='cpu', verbose=True):
+        groups = self.optim_groups(weight_decay)
+        if verbose:
+            for name, g in zip(('decayed', 'non-decayed'), groups):
+                n = sum(p.numel() for p in g['params'])
+                print(f'{name} parameter tensors: {len(g["params"])}, with {n:,} parameters')
+        # the fused kernel does the whole update in one launch; CPU and MPS have it in recent torch
+        fused_ok = 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        use_fused = fused_ok and device_type in ('cuda', 'cpu', 'mps')
+        try:
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=use_fused)
+        except RuntimeError:  # a device whose fused AdamW is missing in this torch build
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+    @classmethod
+    def from_hf_state_dict(cls, sd_hf, config=None):
+        """A GPT-2 model from a Hugging Face GPT2LMHeadModel state dict (tensors only). Their
+        attention and MLP weights are Conv1D, stored (in, out): transposed here to nn.Linear's
+        (out, in). The 50257-row embedding is padded to config.vocab_size."""
+        sd_hf = {k.removeprefix('transformer.') if k.startswith('transformer.') else k: v
+                 for k, v in sd_hf.items()}
+        if config is None:
+            n_layer = 1 + max(int(k.split('.')[1]) for k in sd_hf if k.startswith('h.'))
+            n_embd = sd_hf['wte.weight'].shape[1]
+            config = GPTConfig(block_size=sd_hf['wpe.weight'].shape[0], n_layer=n_layer,
+                               n_head=max(1, n_embd // 64), n_embd=n_embd)
+        model = cls(config)
+        sd = model.state_dict()
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        for k in sd:
+            if k == 'lm_head.weight':
+                continue  # tied to wte
+            name = k.removeprefix('transformer.')
+            if name not in sd_hf:
+                raise KeyError(f'missing tensor in the Hugging Face state dict: {name}')
+            src = sd_hf[name]
+            if name.endswith(transposed):
+                src = src.t()
+            with torch.no_grad():
+                if name == 'wte.weight':
+                    sd[k][:src.shape[0]].copy_(src)
+                    sd[k][src.shape[0]:].zero_()
+                else:
+                    if sd[k].shape != src.shape:
+                        raise ValueError(f'{name}: shape {tuple(src.shape)}, expected {tuple(sd[k].shape)}')
+                    sd[k].copy_(src)
+        return model
