@@ -5,8 +5,10 @@ Parameter names follow GPT-2's own checkpoints (transformer.wte, transformer.h.0
 so Hugging Face's GPT-2 weights load onto this model one to one (their Conv1D weights transposed).
 Used by train.py, inference.py and app.py.
 """
+import base64
+import hashlib
 import inspect
-import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 tokenizer; <|endoftext|> is 50256
+EOT_TOKEN = 50256
+
+# ---- tokenizer ----
+# The GPT-2 byte-pair ranks ship with the project (the same ranks tiktoken's 'gpt2' and 'r50k_base'
+# encodings download), so tokenizing never needs the network. The hash guards against a damaged file.
+TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpt2.tiktoken')
+TOKENIZER_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_tokenizers = {}
+
+
+def gpt2_tokenizer(path=TOKENIZER_PATH):
+    """The GPT-2 tokenizer as a tiktoken Encoding, built offline from the ranks file."""
+    if path not in _tokenizers:
+        import tiktoken
+        with open(path, 'rb') as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != TOKENIZER_SHA256:
+            raise ValueError(f'{path} is not the GPT-2 ranks file (sha256 mismatch); restore it from the repository')
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+        _tokenizers[path] = tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                              special_tokens={'<|endoftext|>': EOT_TOKEN},
+                                              explicit_n_vocab=GPT2_VOCAB_SIZE)
+    return _tokenizers[path]
 
 
 @dataclass
