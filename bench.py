@@ -1,0 +1,164 @@
+"""
+Training-step benchmark: tokens/s, MFU, step time, peak memory and compile time of the GPT-2 step
+(forward, backward, clip, fused AdamW) for a few micro-batch sizes and compile modes.
+
+    python bench.py                                   # 124M, on the GPU, micro-batches 16 32 64
+    python bench.py --batch-sizes 8 16 --compile none blocks model
+
+MFU counts 6 * (params - wpe) + 12 * n_layer * n_embd * T FLOPs per token (855 MFLOP for the 124M
+at T=1024), against the device's measured bf16 matmul rate and against its datasheet peak.
+Prints a table and writes it under logs/.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from model import GPT, GPTConfig
+
+# dense bf16 (fp16 on T4) tensor-core peaks from the vendors' datasheets, TFLOP/s
+DATASHEET_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument('--device', default='auto', help='auto | cuda | cpu | mps')
+parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+parser.add_argument('--batch-sizes', type=int, nargs='+', default=[16, 32, 64], help='micro-batch sizes')
+parser.add_argument('--compile', nargs='+', default=['model'], choices=['none', 'model', 'blocks'],
+                    help="'model': torch.compile the whole model; 'blocks': compile each block (one compile, reused)")
+parser.add_argument('--steps', type=int, default=20, help='timed steps after warm-up')
+parser.add_argument('--warmup', type=int, default=5, help='untimed steps; the first one compiles')
+parser.add_argument('--n-layer', type=int, default=12)
+parser.add_argument('--n-head', type=int, default=12)
+parser.add_argument('--n-embd', type=int, default=768)
+parser.add_argument('--block-size', type=int, default=1024)
+parser.add_argument('--out', default=None, help='table file (default logs/bench_<device>.md)')
+args = parser.parse_args()
+
+if args.device == 'auto':
+    args.device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = args.device.split(':')[0]
+if device_type == 'cuda' and not torch.cuda.is_available():
+    sys.exit('error: --device cuda but CUDA is not available')
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = getattr(torch, args.dtype)
+device_name = torch.cuda.get_device_name() if device_type == 'cuda' else platform.processor() or device_type
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    elif device_type == 'mps':
+        torch.mps.synchronize()
+
+
+def matmul_tflops(n=8192, reps=10):
+    """Measured dense matmul rate in the training dtype, on random data (zeros run faster)."""
+    a = torch.randn(n, n, device=args.device, dtype=ptdtype)
+    b = torch.randn(n, n, device=args.device, dtype=ptdtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+T = config.block_size
+measured = matmul_tflops() if device_type == 'cuda' else None
+datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if k in device_name), None)
+print(f'device: {device_name} | torch {torch.__version__} | dtype {args.dtype}')
+if measured:
+    print(f'measured {args.dtype} matmul (8192^3, random data): {measured:.0f} TFLOP/s; datasheet: {datasheet} TFLOP/s')
+
+rows = []
+for mode in args.compile:
+    for B in args.batch_sizes:
+        torch.manual_seed(0)
+        model = GPT(config).to(args.device)
+        flops_per_token = 6 * (model.num_params() - model.transformer.wpe.weight.numel()) \
+            + 12 * config.n_layer * config.n_embd * T
+        optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device_type, verbose=False)
+        fwd = model
+        if mode == 'model':
+            fwd = torch.compile(model)
+        elif mode == 'blocks':
+            for block in model.transformer.h:
+                block.compile()
+        data = torch.randint(0, 50257, (B, T + 1), device=args.device)
+        x, y = data[:, :-1], data[:, 1:]
+        if device_type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            with torch.autocast(device_type=device_type, dtype=ptdtype, enabled=ptdtype != torch.float32):
+                _, loss = fwd(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        try:
+            t0 = time.perf_counter()
+            step()
+            sync()
+            first = time.perf_counter() - t0
+            for _ in range(args.warmup - 1):
+                step()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step()
+            sync()
+            dt = (time.perf_counter() - t0) / args.steps
+        except torch.OutOfMemoryError:
+            print(f'compile={mode} B={B}: out of memory')
+            del model, optimizer, fwd
+            torch.cuda.empty_cache()
+            continue
+        tps = B * T / dt
+        row = dict(compile=mode, batch=B, step_ms=dt * 1e3, tok_per_sec=tps, compile_s=first - dt,
+                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device_type == 'cuda' else None,
+                   mfu_measured=flops_per_token * tps / (measured * 1e12) if measured else None,
+                   mfu_datasheet=flops_per_token * tps / (datasheet * 1e12) if datasheet else None,
+                   loss=loss.item())
+        rows.append(row)
+        print(json.dumps(row))
+        del model, optimizer, fwd
+        if device_type == 'cuda':
+            torch.cuda.empty_cache()
+
+
+def fmt(v, spec):
+    return '-' if v is None else format(v, spec)
+
+
+lines = [
+    f'# bench.py on {device_name}',
+    '',
+    f'command: `python {" ".join(sys.argv)}`  ',
+    f'torch {torch.__version__}, dtype {args.dtype}, T={T}, {args.steps} timed steps after {args.warmup} warm-up'
+    + (f'; measured matmul {measured:.0f} TFLOP/s, datasheet {datasheet} TFLOP/s' if measured else ''),
+    '',
+    '| compile | micro-batch | step ms | tok/s | MFU (measured peak) | MFU (datasheet) | peak mem GiB | compile s |',
+    '|---|---|---|---|---|---|---|---|',
+]
+for r in rows:
+    lines.append(f"| {r['compile']} | {r['batch']} | {r['step_ms']:.1f} | {r['tok_per_sec']:,.0f} | "
+                 f"{fmt(r['mfu_measured'], '.1%')} | {fmt(r['mfu_datasheet'], '.1%')} | "
+                 f"{fmt(r['peak_mem_gib'], '.1f')} | {r['compile_s']:.1f} |")
+table = '\n'.join(lines) + '\n'
+print('\n' + table)
+out = args.out or os.path.join('logs', f'bench_{device_type}.md')
+os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+with open(out, 'w') as f:
+    f.write(table)
+print(f'wrote {out}')
