@@ -1,0 +1,79 @@
+"""model.py: GPT-2's parameter counts, loss at init, causality, and the same logits as Hugging Face's GPT-2."""
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+
+SMALL = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
+
+
+@pytest.fixture(scope='module')
+def gpt2_124m():
+    torch.manual_seed(0)
+    return GPT(GPTConfig())
+
+
+def test_124m_parameter_groups(gpt2_124m, capsys):
+    decay, no_decay = gpt2_124m.optim_groups(weight_decay=0.1)
+    assert (len(decay['params']), sum(p.numel() for p in decay['params'])) == (50, 124_354_560)
+    assert (len(no_decay['params']), sum(p.numel() for p in no_decay['params'])) == (98, 121_344)
+    assert (decay['weight_decay'], no_decay['weight_decay']) == (0.1, 0.0)
+    # the tied wte / lm_head weight counts once; GPT-2 small has 124,439,808 with a 50257-row embedding
+    assert gpt2_124m.num_params() == 124_475_904 == 124_439_808 + (50304 - 50257) * 768
+    opt = gpt2_124m.configure_optimizers(0.1, 6e-4, device_type='cpu')
+    assert 'decayed parameter tensors: 50, with 124,354,560 parameters' in capsys.readouterr().out
+    assert opt.defaults['betas'] == (0.9, 0.95) and opt.defaults['eps'] == 1e-8
+
+
+def test_124m_loss_at_init_is_uniform_guess(gpt2_124m):
+    torch.manual_seed(1)
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 128))
+    with torch.no_grad():
+        _, loss = gpt2_124m(idx, idx.roll(-1, dims=1))
+    assert abs(loss.item() - math.log(GPT2_VOCAB_SIZE)) < 0.3  # ln(50257) = 10.825
+
+
+def test_causal_later_tokens_never_change_earlier_logits():
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 40))
+    changed = idx.clone()
+    changed[:, 25:] = torch.randint(0, GPT2_VOCAB_SIZE, (2, 15))
+    with torch.no_grad():
+        a = model(idx)[0][..., :GPT2_VOCAB_SIZE]
+        b = model(changed)[0][..., :GPT2_VOCAB_SIZE]
+    torch.testing.assert_close(a[:, :25], b[:, :25], rtol=0, atol=1e-5)
+    assert (a[:, 25:] - b[:, 25:]).abs().max() > 1e-2
+
+
+def test_padded_vocabulary_can_never_be_sampled():
+    model = GPT(SMALL).eval()
+    with torch.no_grad():
+        logits, loss = model(torch.zeros(1, 5, dtype=torch.long))
+    assert loss is None and logits.shape == (1, 5, 50304)
+    assert torch.isneginf(logits[..., GPT2_VOCAB_SIZE:]).all()
+    assert torch.isfinite(logits[..., :GPT2_VOCAB_SIZE]).all()
+    assert torch.softmax(logits, -1)[..., GPT2_VOCAB_SIZE:].sum() == 0
+
+
+def test_same_logits_as_transformers_gpt2():
+    transformers = pytest.importorskip('transformers')
+    hf_config = transformers.GPT2Config(vocab_size=GPT2_VOCAB_SIZE, n_positions=SMALL.block_size, n_embd=SMALL.n_embd,
+                                        n_layer=SMALL.n_layer, n_head=SMALL.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                        attn_pdrop=0.0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # random values everywhere, biases and LayerNorms too: every tensor must map
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    # Conv1D stores (in, out): a square c_proj copied without the transpose would give other logits
+    assert hf.transformer.h[0].attn.c_proj.weight.shape == (64, 64)
+    model = GPT.from_hf_state_dict(hf.state_dict(), SMALL).eval()
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, SMALL.block_size))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    torch.testing.assert_close(ours[..., :GPT2_VOCAB_SIZE], theirs, rtol=0, atol=1e-4)
+    assert (ours[..., :GPT2_VOCAB_SIZE] - theirs).abs().max() < 1e-4
