@@ -1,0 +1,333 @@
+"""
+Text from a GPT-2 checkpoint, streamed token by token.
+
+    python inference.py --prompt "ROMEO:" --max-new-tokens 100 --temperature 0.7 --top-k 50 --seed 1
+
+The model comes from --checkpoint, else from $GPT2_SHAKESPEARE_MODEL, else from the newest
+logs/**/ckpt.pt that train.py wrote. Any of these may be a train.py checkpoint, a model-only .pt
+(keys 'model_args' and 'model', as --export writes), a directory with Hugging Face GPT-2 weights
+(config.json + model.safetensors or pytorch_model.bin), or a Hugging Face Hub model repo id
+(user/repo) holding either. app.py imports load_model() and generate() from here: generation is
+written once.
+
+Speed on a CPU: one new token must read every weight once, so batch-1 decoding is bound by memory
+bandwidth, not arithmetic. --precision int8 (the default on CPU) keeps each weight matrix as int8
+with one fp32 scale per output row (a quarter of the fp32 bytes) and multiplies with bf16
+activations in torch's _weight_int8pack_mm kernel; the prompt, which is arithmetic-bound, goes
+through a fp32 matmul on the dequantized weights. A preallocated KV cache (model.py) makes each new
+token cost one position, and the vocabulary projection runs on the last position only.
+"""
+import argparse
+import codecs
+import glob
+import json
+import os
+import pickle
+import re
+import sys
+import time
+from dataclasses import asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT, GPTConfig, KVCache, gpt2_tokenizer
+
+MODEL_ENV_VAR = 'GPT2_SHAKESPEARE_MODEL'  # a path or a Hub repo id, for the CLI, the app and a Space
+HOW_TO_GET_A_MODEL = (f'train one with `python train.py` (it writes logs/<run>/ckpt.pt), or point at one '
+                      f'with --checkpoint PATH or {MODEL_ENV_VAR}=PATH or {MODEL_ENV_VAR}=user/repo (Hugging Face Hub)')
+
+
+class CheckpointError(Exception):
+    """A model that cannot be found or loaded; the message is one line, meant for the user."""
+
+
+# ---- finding the weights ----
+
+def newest_checkpoint(root='logs'):
+    """The most recently written <root>/**/ckpt.pt, or None."""
+    paths = glob.glob(os.path.join(root, '**', 'ckpt.pt'), recursive=True)
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def download_from_hub(repo_id):
+    """Local paths of a Hub repo's weights: model.pt (model-only file) if it has one, else the
+    Hugging Face layout (config.json with model.safetensors or pytorch_model.bin)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    for names in (['model.pt'], ['config.json', 'model.safetensors'], ['config.json', 'pytorch_model.bin']):
+        try:
+            paths = [hf_hub_download(repo_id, name) for name in names]
+        except EntryNotFoundError as e:
+            if not isinstance(e, LocalEntryNotFoundError):
+                continue  # the repo has no such file: try the next layout
+            raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub (offline or unreachable) '
+                                  f'and it is not in the local cache') from None
+        except Exception as e:  # no such repo, gated repo, ...
+            raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub: {type(e).__name__}: '
+                                  f'{str(e).splitlines()[0] if str(e) else ""}') from None
+        return paths[0] if len(paths) == 1 else os.path.dirname(paths[1])  # both land in one snapshot dir
+    raise CheckpointError(f'{repo_id}: the Hub repo has neither model.pt nor config.json with '
+                          f'model.safetensors or pytorch_model.bin')
+
+
+def resolve_source(source=None):
+    """A local file or directory for source, $GPT2_SHAKESPEARE_MODEL, or the newest checkpoint."""
+    source = source or os.environ.get(MODEL_ENV_VAR) or newest_checkpoint()
+    if not source:
+        raise CheckpointError(f'no checkpoint found: {HOW_TO_GET_A_MODEL}')
+    if os.path.exists(source):
+        return source
+    if re.fullmatch(r'[\w.-]+/[\w.-]+', source) and not source.startswith(('.', '/')):
+        return download_from_hub(source)
+    raise CheckpointError(f'{source}: no such file or directory (nor a Hub repo id user/repo); {HOW_TO_GET_A_MODEL}')
+
+
+def load_tensors(path):
+    """torch.load with weights_only=True: a file holding anything but tensors and plain Python
+    containers (a pickled class, a function) is refused, since unpickling it could run code."""
+    try:
+        # mmap: a full training checkpoint also holds the optimizer state, which is never read here
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f'{path}: refused: it holds objects other than tensors and plain containers '
+                              f'(torch.load weights_only=True: {str(e).splitlines()[0]})') from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f'{path}: not a readable PyTorch file ({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
+
+
+def load_hf_dir(path):
+    """A GPT-2 in Hugging Face's layout: config.json and model.safetensors or pytorch_model.bin."""
+    with open(os.path.join(path, 'config.json')) as f:
+        cfg = json.load(f)
+    config = GPTConfig(block_size=cfg.get('n_positions', 1024), n_layer=cfg['n_layer'], n_head=cfg['n_head'],
+                       n_embd=cfg['n_embd'])
+    if os.path.exists(os.path.join(path, 'model.safetensors')):
+        from safetensors.torch import load_file
+        sd = load_file(os.path.join(path, 'model.safetensors'))
+    elif os.path.exists(os.path.join(path, 'pytorch_model.bin')):
+        sd = load_tensors(os.path.join(path, 'pytorch_model.bin'))
+    else:
+        raise CheckpointError(f'{path}: config.json but neither model.safetensors nor pytorch_model.bin')
+    try:
+        return GPT.from_hf_state_dict(sd, config)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f'{path}: not GPT-2 weights: {e}') from None
+
+
+def load_model(source=None, device='cpu'):
+    """(model in eval mode, info) from a path, a Hub repo id, $GPT2_SHAKESPEARE_MODEL or the newest
+    logs/**/ckpt.pt. info: 'path' (the file or directory loaded), 'step' (training step or None)."""
+    path = resolve_source(source)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, 'ckpt.pt')):
+        path = os.path.join(path, 'ckpt.pt')  # a train.py run directory
+    step = None
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, 'config.json')):
+            raise CheckpointError(f'{path}: a directory with neither ckpt.pt nor config.json')
+        model = load_hf_dir(path)
+    else:
+        ckpt = load_tensors(path)
+        if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
+            raise CheckpointError(f"{path}: not a train.py checkpoint or model-only file (needs keys 'model_args' and 'model')")
+        known = {f.name for f in fields(GPTConfig)}
+        model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
+        # a compiled or DDP-wrapped model's keys carry a prefix; the contract says never, be lenient anyway
+        sd = {re.sub(r'^(_orig_mod\.|module\.)+', '', k): v for k, v in ckpt['model'].items()}
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise CheckpointError(f'{path}: weights do not fit the model_args: {str(e).splitlines()[1].strip()}') from None
+        step = ckpt.get('step')
+    return model.to(device).eval(), {'path': path, 'step': step}
+
+
+def export_model(model, path, dtype=torch.bfloat16):
+    """A model-only file (model_args + weights) for a Space or a Hub repo: bf16 halves its size."""
+    converted = {}  # wte and lm_head share one tensor: convert and store it once
+    sd = {k: converted.setdefault(v.data_ptr(), v.detach().to('cpu', dtype)) for k, v in model.state_dict().items()}
+    torch.save({'model_args': asdict(model.config), 'model': sd}, path)
+
+
+# ---- fast CPU weights ----
+
+class Int8Linear(nn.Module):
+    """nn.Linear with weight-only int8 quantization: one scale per output row, w ~ w_int8 * scale."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        # the kernel takes bf16 scales: round them first, then quantize against the rounded scale
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16()
+        self.register_buffer('weight', torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer('scale', scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if x.size(0) <= 32:
+            # decoding: memory-bound, read 1 byte per weight. (M, in) bf16 @ int8 (out, in)^T -> (M, out)
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
+        else:
+            # a long prompt: arithmetic-bound, and fp32 GEMM on the dequantized weight is faster there
+            y = F.linear(x, self.weight.float() * self.scale.float()[:, None])
+        y = y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 -> fp32
+        return y.view(*shape[:-1], -1)
+
+
+def prepare_for_generation(model, precision='float32'):
+    """Make model (in place) a generation-only model: logits for the last position only, and with
+    precision 'int8' the weight-only int8 linears above. Returns model."""
+    if precision == 'int8':
+        if next(model.parameters()).device.type != 'cpu':
+            raise ValueError('precision int8 is for the CPU; use float32 on other devices')
+        for block in model.transformer.h:
+            block.attn.c_attn, block.attn.c_proj = Int8Linear(block.attn.c_attn), Int8Linear(block.attn.c_proj)
+            block.mlp.c_fc, block.mlp.c_proj = Int8Linear(block.mlp.c_fc), Int8Linear(block.mlp.c_proj)
+        model.lm_head = Int8Linear(model.lm_head)  # wte keeps the fp32 table for the embedding lookup
+    elif precision != 'float32':
+        raise ValueError(f'unknown precision {precision!r}: float32 or int8')
+    # sampling needs the next-token logits only: skip the (T, 768) x (768, 50304) matmul of a prompt's
+    # other positions. The hook crops lm_head's input (B, T, C) -> (B, 1, C).
+    model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:, :],))
+    return model
+
+
+# ---- sampling ----
+
+def sample_next(logits, temperature=0.7, top_k=None, top_p=None, generator=None):
+    """One token id from the logits (vocab,) of the next position."""
+    logits = logits[:GPT2_VOCAB_SIZE].float()  # the padded ids are no tokens: never sampled
+    if temperature <= 0:
+        return int(torch.argmax(logits))  # greedy
+    probs = F.softmax(logits / temperature, dim=-1)
+    ids = None  # probs[i] is the probability of token ids[i] (of token i while ids is None)
+    if top_k is not None and 0 < top_k < probs.size(0):
+        probs, ids = torch.topk(probs, top_k)  # sorted, most likely first
+    if top_p is not None and 0 < top_p < 1:
+        # nucleus: the smallest set of most likely tokens whose probability adds up to top_p
+        if ids is None:
+            probs, ids = torch.sort(probs, descending=True)
+        keep = probs.cumsum(0) - probs < top_p  # the most likely token is always kept
+        probs, ids = probs[keep], ids[keep]
+    # inverse-CDF draw: one uniform number per token; torch.multinomial draws one per vocabulary entry
+    cdf = probs.double().cumsum(0)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[-1]
+    i = min(int(torch.searchsorted(cdf, u, right=True)), cdf.size(0) - 1)  # first i with cdf[i] > u
+    return i if ids is None else int(ids[i])
+
+
+@torch.inference_mode()
+def generate_ids(model, ids, max_new_tokens=100, temperature=0.7, top_k=None, top_p=None, seed=None,
+                 stop_at_eot=False, use_cache=True):
+    """Yields new token ids one at a time. ids: the prompt's token ids (empty: <|endoftext|>).
+    The model sees at most block_size tokens: a longer prompt is cropped from the left, and once the
+    text outgrows the block the context restarts from its last block_size // 2 tokens (one prompt
+    pass) and the cache fills again. use_cache=False runs the whole context every step: slow, the
+    reference that the cached path must equal."""
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    ids = list(ids)[-block_size:] or [EOT_TOKEN]
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = KVCache(model.config, 1, block_size, device=device) if use_cache else None
+    start = 0  # the context is ids[start:]; the cache holds ids[start:start + cache.pos]
+    for _ in range(max_new_tokens):
+        if len(ids) - start > block_size:
+            start = len(ids) - block_size // 2
+            if cache is not None:
+                cache.pos = 0
+        new = ids[start + cache.pos:] if cache is not None else ids[start:]
+        logits, _ = model(torch.tensor([new], device=device), cache=cache)  # (1, T or 1, vocab)
+        token = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
+        if stop_at_eot and token == EOT_TOKEN:
+            return
+        ids.append(token)
+        yield token
+
+
+def stream_text(token_ids):
+    """Text pieces for an iterable of token ids, as they come. A character whose UTF-8 bytes span
+    several tokens comes out whole once its last byte is in; bytes that never make a character
+    come out as U+FFFD."""
+    enc = gpt2_tokenizer()
+    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    for token in token_ids:
+        piece = decoder.decode(enc.decode_single_token_bytes(token))
+        if piece:
+            yield piece
+    tail = decoder.decode(b'', final=True)
+    if tail:
+        yield tail
+
+
+def generate(model, prompt='', max_new_tokens=100, temperature=0.7, top_k=None, top_p=None, seed=None,
+             stop_at_eot=False, use_cache=True):
+    """Yields the new text in pieces as it is made (the prompt not included)."""
+    ids = gpt2_tokenizer().encode(prompt, allowed_special='all')
+    yield from stream_text(generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                        stop_at_eot, use_cache))
+
+
+# ---- command line ----
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', default=None,
+                        help=f'ckpt.pt or model-only .pt, a run directory, a Hugging Face GPT-2 directory, or a Hub '
+                             f'repo id (default: ${MODEL_ENV_VAR}, else the newest logs/**/ckpt.pt)')
+    parser.add_argument('--prompt', default='', help='text to continue (default: empty, start from <|endoftext|>)')
+    parser.add_argument('--max-new-tokens', type=int, default=100, help='tokens to generate (default: 100)')
+    parser.add_argument('--temperature', type=float, default=0.7,
+                        help='softmax temperature; 0 means greedy (default: 0.7)')
+    parser.add_argument('--top-k', type=int, default=None,
+                        help='sample among the k most likely tokens only; none or <= 0: all (default: all)')
+    parser.add_argument('--top-p', type=float, default=None,
+                        help='nucleus sampling: the most likely tokens covering this probability, in (0, 1] (default: off)')
+    parser.add_argument('--seed', type=int, default=None, help='random seed: the same seed gives the same text (default: random)')
+    parser.add_argument('--stop-at-eot', action='store_true', help='stop at the first <|endoftext|> token')
+    parser.add_argument('--no-cache', action='store_true', help='recompute the whole context for every token (slow; for checking)')
+    parser.add_argument('--precision', choices=['auto', 'float32', 'int8'], default='auto',
+                        help='weights for generation: int8 (weight-only, CPU) or float32; auto: int8 on CPU, float32 elsewhere')
+    parser.add_argument('--device', default='auto', help="cpu, cuda, mps or auto (default: cuda if available, else cpu)")
+    parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
+    parser.add_argument('--export', metavar='PATH', default=None,
+                        help='write the loaded model as a model-only file (model_args + weights) to PATH and exit')
+    parser.add_argument('--export-dtype', choices=['bfloat16', 'float32'], default='bfloat16',
+                        help='weight dtype of --export (default: bfloat16, half the size of float32)')
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0:
+        parser.error('--max-new-tokens must be >= 0')
+    if args.temperature < 0:
+        parser.error('--temperature must be >= 0')
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error('--top-p must be in (0, 1]')
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
+
+    try:
+        model, info = load_model(args.checkpoint, device)
+    except CheckpointError as e:
+        sys.exit(f'error: {e}')
+    if args.export:
+        export_model(model, args.export, getattr(torch, args.export_dtype))
+        print(f'wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, {args.export_dtype}) from {info["path"]}')
+        return
+    prepare_for_generation(model, precision)
+    print(f'# {info["path"]} (step {info["step"]}), {model.num_params() / 1e6:.1f}M parameters, {precision}, '
+          f'{device}, {torch.get_num_threads()} threads', file=sys.stderr)
+    t0, n = time.perf_counter(), 0
+    sys.stdout.write(args.prompt)
+    for piece in generate(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          args.seed, args.stop_at_eot, use_cache=not args.no_cache):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        n += len(piece)
+    print(f'\n# {n} characters in {time.perf_counter() - t0:.2f} s', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()

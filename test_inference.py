@@ -1,0 +1,233 @@
+"""inference.py: loading every kind of checkpoint, sampling, the KV cache against the uncached
+reference, streaming text, int8 weights and the command line. Tiny random models: seconds, no network."""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from inference import (CheckpointError, Int8Linear, export_model, generate, generate_ids, load_model,
+                       newest_checkpoint, prepare_for_generation, resolve_source, sample_next, stream_text)
+from model import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT, GPTConfig, gpt2_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
+
+
+def tiny_checkpoint(path, seed=0, full=True):
+    """A tiny random GPT saved as train.py does (full=True) or as a model-only file. Returns the model."""
+    torch.manual_seed(seed)
+    model = GPT(TINY)
+    ckpt = {'model_args': asdict(TINY), 'model': model.state_dict()}
+    if full:  # the rest of the train.py contract
+        opt = model.configure_optimizers(0.1, 1e-3, verbose=False)
+        ckpt.update(optimizer=opt.state_dict(), scaler=None, step=7, tokens_seen=7 * 1024, elapsed=1.5,
+                    data_state={'position': 0}, rng={'torch': torch.get_rng_state()}, config={'batch_size': 4})
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    torch.save(ckpt, path)
+    return model.eval()
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, 'inference.py'), *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+# ---- loading ----
+
+def test_loads_train_checkpoint_run_dir_and_model_only_file(tmp_path):
+    ref = tiny_checkpoint(tmp_path / 'run-a' / 'ckpt.pt')
+    tiny_checkpoint(tmp_path / 'model.pt', full=False)
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 10))
+    for source in (tmp_path / 'run-a' / 'ckpt.pt', tmp_path / 'run-a', tmp_path / 'model.pt'):
+        model, info = load_model(str(source))
+        assert info['step'] == (None if source.name == 'model.pt' else 7)
+        with torch.no_grad():
+            assert torch.equal(model(idx)[0], ref(idx)[0])
+
+
+def test_default_is_env_var_then_newest_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('GPT2_SHAKESPEARE_MODEL', raising=False)
+    with pytest.raises(CheckpointError, match='no checkpoint found: train one with `python train.py`'):
+        resolve_source()
+    tiny_checkpoint('logs/run-1/ckpt.pt')
+    tiny_checkpoint('logs/run-2/ckpt.pt')
+    os.utime('logs/run-1/ckpt.pt', (1e9, 1e9))  # run-1 is older
+    assert newest_checkpoint() == os.path.join('logs', 'run-2', 'ckpt.pt')
+    assert resolve_source() == os.path.join('logs', 'run-2', 'ckpt.pt')
+    monkeypatch.setenv('GPT2_SHAKESPEARE_MODEL', 'logs/run-1/ckpt.pt')
+    assert resolve_source() == 'logs/run-1/ckpt.pt'
+
+
+def test_hugging_face_directory_matches_transformers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(tmp_path / 'st')  # config.json + model.safetensors
+    os.makedirs(tmp_path / 'bin')
+    os.rename(tmp_path / 'st' / 'config.json', tmp_path / 'bin' / 'config.json')
+    torch.save(hf.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
+    os.link(tmp_path / 'bin' / 'config.json', tmp_path / 'st' / 'config.json')
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 12))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        for d in ('st', 'bin'):
+            model, _ = load_model(str(tmp_path / d))
+            assert model.config.block_size == 64 and model.config.n_layer == 2
+            torch.testing.assert_close(model(idx)[0][..., :GPT2_VOCAB_SIZE], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_refuses_pickled_objects_and_bad_files(tmp_path):
+    model = GPT(TINY)
+    torch.save({'model_args': asdict(TINY), 'model': model.state_dict(), 'hook': Exception('code')},
+               tmp_path / 'evil.pt')
+    with pytest.raises(CheckpointError, match='refused: it holds objects other than tensors'):
+        load_model(str(tmp_path / 'evil.pt'))
+    (tmp_path / 'junk.pt').write_text('not a checkpoint')
+    with pytest.raises(CheckpointError, match='not a readable PyTorch file'):
+        load_model(str(tmp_path / 'junk.pt'))
+    torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
+    with pytest.raises(CheckpointError, match="needs keys 'model_args' and 'model'"):
+        load_model(str(tmp_path / 'other.pt'))
+    with pytest.raises(CheckpointError, match='no such file or directory'):
+        load_model(str(tmp_path / 'missing.pt'))
+
+
+def test_hub_repo_id_without_network_is_a_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # read at import: set it directly
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path))
+    with pytest.raises(CheckpointError, match='someone/no-such-model: cannot download from the Hugging Face Hub'):
+        load_model('someone/no-such-model')
+
+
+def test_export_writes_a_small_model_only_file(tmp_path):
+    ref = tiny_checkpoint(tmp_path / 'ckpt.pt')
+    model, _ = load_model(str(tmp_path / 'ckpt.pt'))
+    export_model(model, tmp_path / 'model.pt')
+    sd = torch.load(tmp_path / 'model.pt', weights_only=True)
+    assert set(sd) == {'model_args', 'model'} and sd['model']['lm_head.weight'].dtype == torch.bfloat16
+    assert os.path.getsize(tmp_path / 'model.pt') < 0.55 * os.path.getsize(tmp_path / 'ckpt.pt')  # bf16: half
+    exported, _ = load_model(str(tmp_path / 'model.pt'))
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx)[0], ref(idx)[0], atol=0.05, rtol=0.05)
+
+
+# ---- sampling and generation ----
+
+def test_sampling_rules():
+    logits = torch.randn(50304)
+    logits[GPT2_VOCAB_SIZE:] = 100.0  # the padded ids, made tempting: never sampled all the same
+    real_best = int(logits[:GPT2_VOCAB_SIZE].argmax())
+    assert sample_next(logits, temperature=0.0) == real_best  # greedy, no division by zero
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 0.7, top_k=1, generator=g) == real_best
+    assert sample_next(logits, 0.7, top_p=1e-6, generator=g) == real_best
+    draws = [sample_next(logits, 1.0, top_k=5, generator=g) for _ in range(200)]
+    assert set(draws) <= set(torch.topk(logits[:GPT2_VOCAB_SIZE], 5).indices.tolist()) and len(set(draws)) > 1
+    draws = [sample_next(logits, 1.0, top_k=0, generator=g) for _ in range(50)]  # <= 0: all tokens
+    assert max(draws) < GPT2_VOCAB_SIZE and len(set(draws)) > 40
+    a = [sample_next(logits, 0.9, 50, 0.9, torch.Generator().manual_seed(3)) for _ in range(5)]
+    b = [sample_next(logits, 0.9, 50, 0.9, torch.Generator().manual_seed(3)) for _ in range(5)]
+    assert a == b
+
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(0.0, None, None), (0.8, 40, None), (1.0, None, 0.9)])
+def test_cached_generation_equals_uncached(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    prompt = torch.randint(0, GPT2_VOCAB_SIZE, (20,)).tolist()
+    # 90 new tokens after 20: the 64-token block overflows, so the context restarts twice
+    kw = dict(max_new_tokens=90, temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
+    cached = list(generate_ids(model, prompt, **kw))
+    uncached = list(generate_ids(model, prompt, use_cache=False, **kw))
+    assert len(cached) == 90 and cached == uncached
+    assert cached == list(generate_ids(model, prompt, **kw))  # same seed, same text
+
+
+def test_prompt_longer_than_block_and_empty_prompt():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    long = torch.randint(0, GPT2_VOCAB_SIZE, (200,)).tolist()
+    kw = dict(max_new_tokens=5, temperature=0.0)
+    # cropped from the left: only the last 64 tokens count
+    assert list(generate_ids(model, long, **kw)) == list(generate_ids(model, long[-64:], **kw))
+    assert list(generate_ids(model, [], **kw)) == list(generate_ids(model, [EOT_TOKEN], **kw))
+    assert len(list(generate_ids(model, [], max_new_tokens=0))) == 0
+
+
+def test_stop_at_eot():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[EOT_TOKEN] *= 50  # tied to lm_head: EOT becomes the likeliest token
+    assert list(generate_ids(model, [11], 10, temperature=0.0)) == [EOT_TOKEN] * 10
+    assert list(generate_ids(model, [11], 10, temperature=0.0, stop_at_eot=True)) == []
+
+
+def test_streaming_never_splits_a_character():
+    enc = gpt2_tokenizer()
+    text = 'ROMEO: héllo wörld, 世界 🎭🎉 — fin'
+    ids = enc.encode(text)
+    assert any(len(enc.decode_single_token_bytes(t).decode('utf-8', errors='ignore')) == 0 for t in ids)
+    pieces = list(stream_text(iter(ids)))
+    assert ''.join(pieces) == text and all('\ufffd' not in p for p in pieces)
+    assert ''.join(stream_text([enc.encode('🎉')[0]])) == '\ufffd'  # an unfinished character at the end
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    out = ''.join(generate(model, 'ROMEO:', max_new_tokens=20, seed=3))
+    ids = list(generate_ids(model, enc.encode('ROMEO:'), 20, seed=3))
+    assert out == b''.join(enc.decode_single_token_bytes(t) for t in ids).decode('utf-8', errors='replace')
+
+
+def test_int8_weights_stay_close_to_float32():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384)
+    q = Int8Linear(linear)
+    for rows in (1, 3, 40):  # the decode kernel and the prompt path
+        x = torch.randn(rows, 256)
+        with torch.no_grad():
+            ref = linear(x)
+        err = (q(x) - ref).abs().max() / ref.abs().max()
+        assert err < 0.02, (rows, err)
+    torch.manual_seed(0)
+    fp32 = prepare_for_generation(GPT(TINY).eval())
+    torch.manual_seed(0)
+    int8 = prepare_for_generation(GPT(TINY).eval(), 'int8')
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 40))
+    with torch.no_grad():
+        a, b = fp32(idx)[0][0, -1, :GPT2_VOCAB_SIZE], int8(idx)[0][0, -1, :GPT2_VOCAB_SIZE]
+    assert a.shape == b.shape == (GPT2_VOCAB_SIZE,)  # the last position only
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert len(list(generate_ids(int8, idx[0].tolist(), 10, seed=0))) == 10
+
+
+# ---- command line ----
+
+def test_cli_streams_reproducible_text_and_rejects_bad_input(tmp_path):
+    tiny_checkpoint(tmp_path / 'ckpt.pt')
+    args = ['--checkpoint', str(tmp_path / 'ckpt.pt'), '--prompt', 'ROMEO:', '--max-new-tokens', '12',
+            '--temperature', '0.7', '--top-k', '50', '--seed', '1']
+    a, b = run_cli(*args), run_cli(*args, '--precision', 'float32')
+    assert a.returncode == 0 and a.stdout.startswith('ROMEO:') and len(a.stdout) > len('ROMEO:') + 5
+    assert a.stdout == run_cli(*args).stdout and b.returncode == 0
+    bad = run_cli('--checkpoint', str(tmp_path / 'ckpt.pt'), '--max-new-tokens', '-1')
+    assert bad.returncode == 2 and '--max-new-tokens must be >= 0' in bad.stderr and 'Traceback' not in bad.stderr
+    missing = run_cli(env={'GPT2_SHAKESPEARE_MODEL': str(tmp_path / 'nope.pt')})
+    assert missing.returncode == 1 and missing.stderr.startswith('error: ') and 'Traceback' not in missing.stderr
+    assert missing.stderr.count('\n') == 1
+
+
+def test_cli_help_and_export(tmp_path):
+    help_text = run_cli('--help').stdout
+    for option in ('--checkpoint', '--prompt', '--max-new-tokens', '--temperature', '--top-k', '--top-p', '--seed',
+                   '--stop-at-eot', '--precision', '--export', 'GPT2_SHAKESPEARE_MODEL'):
+        assert option in help_text
+    tiny_checkpoint(tmp_path / 'ckpt.pt')
+    r = run_cli('--checkpoint', str(tmp_path / 'ckpt.pt'), '--export', str(tmp_path / 'model.pt'))
+    assert r.returncode == 0 and 'wrote' in r.stdout
+    assert load_model(str(tmp_path / 'model.pt'))[1]['path'] == str(tmp_path / 'model.pt')
