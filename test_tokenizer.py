@@ -1,0 +1,73 @@
+"""The offline GPT-2 tokenizer and train.py's streamed, cached tokenizing of a text file."""
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+
+import train
+from model import gpt2_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INPUT = os.path.join(HERE, 'input.txt')
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any attempt to reach the network fails, and tiktoken's download cache is empty."""
+    def refuse(*args, **kwargs):
+        raise OSError('network disabled by the test')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty-cache'))
+
+
+def test_input_txt_is_338025_tokens_with_no_network(no_network, tmp_path):
+    data = tmp_path / 'input.txt'
+    shutil.copy(INPUT, data)
+    tokens = train.load_tokens(str(data))
+    assert len(tokens) == 338_025
+    assert tokens.dtype == np.uint16
+    enc = gpt2_tokenizer()
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    assert enc.decode(tokens[:10].tolist()) == 'First Citizen:\nBefore we proceed any further,'
+    assert enc.encode_ordinary('Hello world') == [15496, 995]  # the ids of tiktoken's 'gpt2'
+
+
+def test_streamed_pieces_tokenize_like_the_whole_text(tmp_path):
+    text = open(INPUT, encoding='utf-8').read()[:200_000]
+    src = tmp_path / 'part.txt'
+    src.write_text(text, encoding='utf-8')
+    out = tmp_path / 'part.bin'
+    train.tokenize_file(str(src), str(out), piece_chars=3000)  # about 70 pieces, cut at safe newlines
+    streamed = np.fromfile(out, dtype=np.uint16)
+    assert streamed.tolist() == gpt2_tokenizer().encode_ordinary(text)
+
+
+def test_bom_and_windows_line_ends_read_as_plain_text(tmp_path):
+    text = 'ROMEO:\nBut soft, what light\n\nthrough yonder window breaks?\n' * 50
+    plain, windows = tmp_path / 'plain.txt', tmp_path / 'windows.txt'
+    plain.write_bytes(text.encode('utf-8'))
+    windows.write_bytes(b'\xef\xbb\xbf' + text.replace('\n', '\r\n').encode('utf-8'))
+    assert train.load_tokens(str(windows)).tolist() == train.load_tokens(str(plain)).tolist()
+
+
+def test_cache_is_reused_and_follows_changes(tmp_path):
+    data = tmp_path / 'data.txt'
+    data.write_text('To be, or not to be, that is the question:\n' * 20)
+    first = train.load_tokens(str(data))
+    caches = list(tmp_path.glob('*.bin'))
+    assert len(caches) == 1 and len(first) > 0
+    mtime = caches[0].stat().st_mtime_ns
+    again = train.load_tokens(str(data))  # the second run reads the cache, it does not tokenize again
+    assert again.tolist() == first.tolist() and caches[0].stat().st_mtime_ns == mtime
+    data.write_text('Whether tis nobler in the mind to suffer\n' * 20)
+    changed = train.load_tokens(str(data))  # an edited text gets a new cache
+    assert changed.tolist() != first.tolist()
+    assert changed.tolist() == gpt2_tokenizer().encode_ordinary(data.read_text())
+    # a .bin is read as token ids, through a memmap
+    assert train.load_tokens(str(caches[0])).tolist() == first.tolist()
+    assert isinstance(train.load_tokens(str(caches[0])), np.memmap)
+    assert not list(tmp_path.glob('*.tmp'))
