@@ -274,12 +274,11 @@ def load_checkpoint(path):
     return ckpt
 
 
-def lr_factor(step, args):
-    """Learning rate / peak: linear warmup, then cosine decay to min_lr / lr at lr_decay_steps."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    floor = args.min_lr / args.lr
-    ratio = min(1.0, (step - args.warmup_steps) / max(1, args.lr_decay_steps - args.warmup_steps))
+def lr_factor(step, warmup_steps, decay_steps, floor):
+    """Learning rate / peak: linear warmup to 1, then cosine decay to `floor` at decay_steps, flat after."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    ratio = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1.0 - floor)
 
 
@@ -291,10 +290,9 @@ def git_commit():
         return 'unknown'
 
 
-def main(argv=None):
+def train(argv, t_start):
     # ---- arguments ----
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     ckpt = None
     if args.resume is not None:
@@ -308,9 +306,10 @@ def main(argv=None):
                             out_dir=os.path.dirname(resume) or '.')
         args = parser.parse_args(argv)
         args.resume = resume
-    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    args.lr_decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
-    args.muon_lr = args.lr if args.muon_lr is None else args.muon_lr
+    # defaults that follow other flags stay None in the saved config, so a resumed run derives them anew
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
+    muon_lr = args.lr if args.muon_lr is None else args.muon_lr
     for name in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'total_batch_tokens', 'max_steps'):
         if getattr(args, name) <= 0:
             raise TrainError(f'--{name.replace("_", "-")} must be positive')
@@ -332,7 +331,7 @@ def main(argv=None):
     if device_type == 'mps' and not torch.backends.mps.is_available():
         raise TrainError('--device mps, but MPS is not available')
     if device_type == 'cuda':
-        device = f'cuda:{local_rank}' if ddp else device
+        device = f'cuda:{local_rank}' if ddp else device if ':' in device else 'cuda:0'
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision('high')  # TF32 matmuls for whatever runs in float32
     if ddp:
@@ -393,9 +392,9 @@ def main(argv=None):
         hidden = [p for n, p in raw_model.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2]
         for g in optimizers[0].param_groups:  # before the first step AdamW holds no state: dropping is safe
             g['params'] = [p for p in g['params'] if all(p is not h for h in hidden)]
-        optimizers.append(torch.optim.Muon(hidden, lr=args.muon_lr, weight_decay=args.weight_decay,
+        optimizers.append(torch.optim.Muon(hidden, lr=muon_lr, weight_decay=args.weight_decay,
                                            adjust_lr_fn='match_rms_adamw'))
-        peak_lrs.append(args.muon_lr)
+        peak_lrs.append(muon_lr)
     start_step, tokens_seen, elapsed_before, position = 0, 0, 0.0, 0
     if ckpt:
         if len(ckpt['optimizer']) != len(optimizers):
@@ -435,7 +434,7 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'Apple MPS' \
         if device_type == 'mps' else f'CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)'
     groups = raw_model.optim_groups(args.weight_decay)
-    log(f'command: {shlex.join([sys.executable, sys.argv[0], *argv])}')
+    log(f'command: {shlex.join(["python", "train.py", *argv])}')
     log(f'git commit: {git_commit()}')
     log(f'device: {device_name} x {world} process(es) | dtype: {dtype} | compile: '
         f'{args.compile_mode if use_compile else "off"}')
@@ -453,29 +452,37 @@ def main(argv=None):
     def checkpoint(steps_done):
         """The whole training state after `steps_done` steps, written by the first process only."""
         if master:
+            # the last update may itself have diverged: weights that give no finite loss are never saved
+            raw_model.eval()
+            with torch.no_grad(), ctx:
+                _, loss = raw_model(*train_windows.get(position, B))
+            raw_model.train()
+            if not torch.isfinite(loss):
+                raise TrainError(f'the weights after step {steps_done - 1} give a {loss.item()} loss: training '
+                                 f'diverged (try a lower --lr); {ckpt_path} is left as it was')
             save_checkpoint(ckpt_path, {
                 'model_args': asdict(config), 'model': raw_model.state_dict(),
                 'optimizer': [opt.state_dict() for opt in optimizers],
                 'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-                'step': steps_done, 'tokens_seen': tokens_seen, 'elapsed': elapsed_before + time.time() - T_START,
+                'step': steps_done, 'tokens_seen': tokens_seen, 'elapsed': elapsed_before + time.time() - t_start,
                 'data_state': {'position': position, 'n_tokens': len(train_tokens)},
                 'rng': rng_state(), 'config': vars(args)})
 
-    # a signal stops the run after the current step, with a checkpoint; a second one stops it at once
+    # Ctrl-C or SIGTERM stops the run after the current step, with a checkpoint; a second one stops it at once
     signals = []
 
     def on_signal(signum, frame):
         signals.append(signum)
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
 
     # ---- training loop ----
     next_target_eval, whole_loss, first_step_s = 0, None, None
     step = start_step - 1
     for step in range(start_step, args.max_steps):
         t0 = time.time()
-        factor = lr_factor(step, args)
+        factor = lr_factor(step, args.warmup_steps, decay_steps, min_lr / args.lr)
         for opt, peak in zip(optimizers, peak_lrs):
             for g in opt.param_groups:
                 g['lr'] = peak * factor
@@ -535,7 +542,7 @@ def main(argv=None):
         if stop_val:
             checkpoint(step + 1)
             log(f'stopped by a signal after step {step}; checkpoint: {ckpt_path} (continue with --resume {ckpt_path})')
-            return 130
+            return 128 + (signals[0] if signals else signal.SIGTERM)  # the shell's code for death by that signal
         if args.checkpoint_interval and (step + 1) % args.checkpoint_interval == 0 and step + 1 < args.max_steps:
             checkpoint(step + 1)
 
@@ -545,13 +552,24 @@ def main(argv=None):
         whole_loss = evaluate(cmodel, train_windows, B, ctx, rank, world)
         reached = whole_loss < args.target_loss
     checkpoint(step + 1)
-    wall = elapsed_before + time.time() - T_START
+    wall = elapsed_before + time.time() - t_start
     log(f'{"target reached" if reached else "target NOT reached"} at step {step} | tokens seen: {tokens_seen:,} | '
         f'wall time: {wall:.1f}s (first step {first_step_s or 0:.1f}s{", compile included" if use_compile else ""}) | '
         f'whole-text loss: {whole_loss:.6f} (target {args.target_loss}) | checkpoint: {ckpt_path}')
-    if ddp:
-        dist.destroy_process_group()
     return 0
+
+
+def main(argv=None):
+    """Run train.py with these arguments (default: the command line); returns the exit status."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # from the command line the clock started at the first import; called from Python, it starts now
+        return train(sys.argv[1:], T_START) if argv is None else train(argv, time.time())
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == '__main__':
