@@ -1,0 +1,258 @@
+"""train.py on the CPU, through its own code path: tokenizing, reaching the target on a slice of
+input.txt, exact resume, 2-process torchrun, signals, and a clear one-line error for each bad input.
+Runs call train.main(argv) in this process (no second torch import) unless the test is about the
+command line itself."""
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from model import GPT, GPTConfig, gpt2_tokenizer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INPUT = os.path.join(ROOT, 'input.txt')
+TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '4',
+        '--total-batch-tokens', '256', '--warmup-steps', '2', '--checkpoint-interval', '0', '--device', 'cpu']
+STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: \d+\.\d\dms \| tok/sec: \d+\.\d\d \| norm: (\S+) \| lr: (\S+)')
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """A private copy of input.txt, so the token cache lands in a temporary folder."""
+    path = tmp_path_factory.mktemp('data') / 'input.txt'
+    shutil.copy(INPUT, path)
+    return str(path)
+
+
+def run(out_dir, *argv):
+    """train.py with TINY settings; returns (exit status, train.log text)."""
+    rc = train.main([*TINY, '--out-dir', str(out_dir), *argv])
+    return rc, (out_dir / 'train.log').read_text()
+
+
+def steps(log):
+    """(step, loss, norm, lr) as printed, to the last digit."""
+    return [m.groups() for m in map(STEP_LINE.fullmatch, log.splitlines()) if m]
+
+
+# ---- data ----
+
+def test_tokenizer_gives_338025_tokens_offline_and_caches_them(data, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError('the tokenizer tried to use the network')
+    monkeypatch.setattr(socket.socket, 'connect', no_network)
+    tokens = train.load_tokens(data)
+    assert len(tokens) == 338_025 and tokens.dtype == np.uint16
+    assert tokens[:6].tolist() == [5962, 22307, 25, 198, 8421, 356]  # 'First Citizen:\nBefore we'
+    assert gpt2_tokenizer().decode(tokens.tolist()) == open(INPUT, encoding='utf-8').read()
+    # a second run reads the cache and does not tokenize again
+    monkeypatch.setattr(train, 'tokenize_file', lambda *a: pytest.fail('tokenized twice'))
+    assert np.array_equal(train.load_tokens(data), tokens)
+
+
+def test_streamed_tokenizing_equals_whole_text(tmp_path):
+    """Cut into ~20,000-character pieces at safe newlines, the tokens are exactly those of the whole text."""
+    path = tmp_path / 'shakespeare.txt'
+    shutil.copy(INPUT, path)
+    pieces = train.load_tokens(str(path), piece_chars=20_000)
+    whole = gpt2_tokenizer().encode_ordinary(open(INPUT, encoding='utf-8').read())
+    assert pieces.tolist() == whole
+
+
+def test_bom_and_windows_line_ends_read_as_plain_text(tmp_path):
+    text = open(INPUT, encoding='utf-8').read()[:3000]
+    (tmp_path / 'unix.txt').write_text(text, encoding='utf-8', newline='\n')
+    (tmp_path / 'windows.txt').write_bytes(b'\xef\xbb\xbf' + text.replace('\n', '\r\n').encode('utf-8'))
+    assert np.array_equal(train.load_tokens(str(tmp_path / 'windows.txt')), train.load_tokens(str(tmp_path / 'unix.txt')))
+
+
+@pytest.mark.parametrize('on_device', [True, False])
+def test_windows_make_every_token_but_the_first_a_target_once(monkeypatch, on_device):
+    monkeypatch.setattr(train, 'ON_DEVICE_BYTES', 1 << 30 if on_device else 0)  # device tensors or the memmap path
+    tokens = np.arange(100, dtype=np.uint16)
+    w = train.Windows(tokens, 16, 'cpu')  # 99 targets: 6 full windows and one of 3
+    assert w.n == 7 and w.on_device == on_device
+    x, y = w.get(5, 4, wrap=False)  # windows 5, 6 and two past the end, which count for nothing
+    assert x[0].tolist() == list(range(80, 96)) and y[0].tolist() == list(range(81, 97))
+    assert y[1].tolist() == [97, 98, 99] + [-1] * 13 and (y[2:] == -1).all()
+    targets = torch.cat([w.get(i, 1, wrap=False)[1].flatten() for i in range(w.n)])
+    assert targets[targets != -1].tolist() == list(range(1, 100))
+    x, y = w.get(6, 2)  # training wraps around to window 0
+    assert x[1].tolist() == list(range(16)) and y[1].tolist() == list(range(1, 17))
+
+
+# ---- training ----
+
+def test_tiny_model_reaches_the_target_on_a_slice(data, tmp_path):
+    out = tmp_path / 'run'
+    rc, log = run(out, '--data', data, '--data-tokens', '257', '--lr', '1e-2', '--max-steps', '300')
+    assert rc == 0
+    lines = log.splitlines()
+    assert lines[0].startswith('command: python train.py ') and lines[1].startswith('git commit: ')
+    assert lines[2].startswith('device: CPU') and 'torch 2.' in lines[3] and 'tiktoken' in lines[3]
+    assert json.loads(lines[4].removeprefix('config: '))['data_tokens'] == 257
+    final = lines[-1]
+    assert final.startswith('target reached at step '), final
+    printed = float(re.search(r'whole-text loss: (\S+)', final).group(1))
+    assert printed < 0.099999
+    n_steps = int(re.search(r'at step (\d+)', final).group(1)) + 1
+    assert len(steps(log)) == n_steps < 300
+
+    # the checkpoint follows the contract, and its weights really give that loss over all 256 targets
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert {'model_args', 'model', 'optimizer', 'scaler', 'step', 'tokens_seen', 'elapsed', 'data_state',
+            'rng', 'config'} <= ckpt.keys()
+    assert ckpt['step'] == n_steps and ckpt['tokens_seen'] == 256 * n_steps and ckpt['elapsed'] > 0
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    tokens = torch.from_numpy(train.load_tokens(data)[:257].astype(np.int64))
+    with torch.no_grad():
+        _, loss = model.eval()(tokens[:-1].view(8, 32), tokens[1:].view(8, 32))
+    assert loss.item() < 0.099999
+    assert abs(loss.item() - printed) < 1e-5
+
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert len(rows) == n_steps
+    assert {'step', 'loss', 'dt_ms', 'tok_per_sec', 'norm', 'lr', 'tokens'} <= rows[-1].keys()
+    assert rows[-1]['whole_loss'] == pytest.approx(printed, abs=1e-6)
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_resume_continues_exactly(data, tmp_path, optimizer):
+    """20 steps in one go == 10 steps, stop, --resume, 10 more: every printed digit the same."""
+    args = ['--data', data, '--data-tokens', '3000', '--optimizer', optimizer, '--lr', '1e-2', '--lr-decay-steps', '20']
+    _, straight = run(tmp_path / 'straight', *args, '--max-steps', '20')
+    _, first = run(tmp_path / 'split', *args, '--max-steps', '10')
+    rc = train.main(['--resume', str(tmp_path / 'split' / 'ckpt.pt'), '--max-steps', '20'])
+    assert rc == 0
+    split = (tmp_path / 'split' / 'train.log').read_text()
+    assert 'resumed from' in split and len(steps(first)) == 10
+    assert steps(split) == steps(straight) and len(steps(straight)) == 20
+    losses = [float(s[1]) for s in steps(straight)]
+    assert losses[-1] < losses[0] - 1  # and it learns
+
+
+def test_two_process_torchrun_matches_one_process(data, tmp_path):
+    """2 processes x 1 micro-step (Gloo) and 1 process x 2 micro-steps see the same global batches."""
+    args = [*TINY, '--data', data, '--data-tokens', '3000', '--max-steps', '4', '--lr', '3e-3']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py',
+           *args, '--out-dir', str(tmp_path / 'ddp')]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp_log = (tmp_path / 'ddp' / 'train.log').read_text()
+    assert 'x 2 process(es)' in ddp_log and '4 x 32 x 1 micro-steps x 2 process(es)' in ddp_log
+    assert train.main([*args, '--out-dir', str(tmp_path / 'one')]) == 0
+    one, two = steps((tmp_path / 'one' / 'train.log').read_text()), steps(ddp_log)
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert a[0] == b[0] and abs(float(a[1]) - float(b[1])) < 1e-5 and abs(float(a[2]) - float(b[2])) < 1e-4
+    whole = [float(re.search(r'whole-text loss: (\S+)', log.splitlines()[-1]).group(1))
+             for log in ((tmp_path / 'one' / 'train.log').read_text(), ddp_log)]
+    assert abs(whole[0] - whole[1]) < 1e-5
+
+
+def test_bin_input_memmap_path_and_validation_split(data, tmp_path, monkeypatch):
+    """A uint16 .bin trains like its text, read through the memmap when it does not go on the device."""
+    tokens = train.load_tokens(data)[:4000]
+    bin_path = tmp_path / 'slice.bin'
+    np.asarray(tokens).tofile(bin_path)
+    _, from_text = run(tmp_path / 'text', '--data', data, '--data-tokens', '4000', '--max-steps', '3')
+    monkeypatch.setattr(train, 'ON_DEVICE_BYTES', 0)
+    _, from_bin = run(tmp_path / 'bin', '--data', str(bin_path), '--max-steps', '3')
+    assert steps(from_bin) == steps(from_text)
+    _, log = run(tmp_path / 'val', '--data', str(bin_path), '--max-steps', '2', '--val-fraction', '0.25',
+                 '--eval-interval', '2')
+    assert '3,000 training tokens' in log and '1,000 validation tokens' in log
+    assert re.search(r'eval after step 1 \| whole-text loss: \d+\.\d+ \| val loss: \d+\.\d+', log)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(data, tmp_path):
+    out = tmp_path / 'run'
+    cmd = [sys.executable, 'train.py', *TINY, '--data', data, '--data-tokens', '3000', '--max-steps', '100000',
+           '--out-dir', str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / 'train.log').exists() or 'step 2 ' not in (out / 'train.log').read_text():
+        assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else 'timeout'
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    log = (out / 'train.log').read_text()
+    last = int(steps(log)[-1][0])
+    assert f'stopped by a signal after step {last}' in log
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == last + 1
+
+
+# ---- bad input: one clear line, never a traceback ----
+
+def test_help_documents_every_flag():
+    text = train.build_parser().format_help()
+    for flag in ('--data', '--out-dir', '--n-layer', '--n-head', '--n-embd', '--block-size', '--dropout', '--batch-size',
+                 '--total-batch-tokens', '--lr', '--min-lr', '--warmup-steps', '--max-steps', '--weight-decay',
+                 '--grad-clip', '--target-loss', '--eval-interval', '--val-fraction', '--checkpoint-interval',
+                 '--device', '--dtype', '--compile', '--no-compile', '--resume', '--seed', '--optimizer', '--compile-mode'):
+        assert flag in text
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, r'data file .*missing\.txt not found'),
+    (b'', r'data file .* is empty'),
+    (b'\xff\xfeh\x00i\x00', r'is not UTF-8 text \(byte 0xff'),
+    (b'To be, or not to be', r'has \d tokens, fewer than one sequence \(block size 32 \+ 1\)'),
+])
+def test_bad_data_file(tmp_path, content, message):
+    path = tmp_path / 'missing.txt'
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(train.TrainError, match=message):
+        run(tmp_path / 'run', '--data', str(path), '--max-steps', '1')
+
+
+def test_impossible_batch_arithmetic(data, tmp_path):
+    with pytest.raises(train.TrainError, match=r'--total-batch-tokens 300 is not a multiple of .* = 4 x 32 x 1 = 128'):
+        run(tmp_path / 'run', '--data', data, '--total-batch-tokens', '300')
+
+
+def test_resume_from_missing_corrupt_or_model_only_checkpoint(tmp_path):
+    with pytest.raises(train.TrainError, match='no checkpoint at'):
+        train.main(['--resume', str(tmp_path / 'nothing.pt')])
+    (tmp_path / 'corrupt.pt').write_bytes(os.urandom(1000))
+    with pytest.raises(train.TrainError, match='is not a readable checkpoint'):
+        train.main(['--resume', str(tmp_path / 'corrupt.pt')])
+    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    torch.save({'model_args': vars(model.config), 'model': model.state_dict()}, tmp_path / 'weights.pt')
+    with pytest.raises(train.TrainError, match='model-only file cannot be resumed'):
+        train.main(['--resume', str(tmp_path / 'weights.pt')])
+
+
+def test_nan_loss_stops_and_leaves_the_last_checkpoint(data, tmp_path):
+    """A learning rate of 1e30 makes the weights overflow: the run stops, the checkpoint stays."""
+    run(tmp_path / 'run', '--data', data, '--data-tokens', '3000', '--max-steps', '3')
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for interval in ('0', '1'):  # caught at the next step's loss, or before a checkpoint would save the weights
+        with pytest.raises(train.TrainError, match=r'(loss is nan|give a nan loss).*training diverged.*left as it was'):
+            train.main(['--resume', str(ckpt), '--max-steps', '20', '--lr', '1e30', '--warmup-steps', '0',
+                        '--checkpoint-interval', interval])
+        assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, 'train.py', '--data', str(tmp_path / 'missing.txt')], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr == f'error: data file {tmp_path / "missing.txt"} not found\n'
