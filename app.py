@@ -1,0 +1,207 @@
+"""
+The Gradio app: type the start of a scene and watch GPT-2, trained on Tiny Shakespeare, write on,
+token by token. A second tab plots the training run behind the model (loss, learning rate, grad
+norm, tok/s against step). Ready for a Hugging Face Space (see README).
+
+    python app.py                                      # the newest logs/**/ckpt.pt, http://127.0.0.1:7860
+    GPT2_SHAKESPEARE_MODEL=user/repo python app.py     # weights from a Hub model repo (what a Space sets)
+    python app.py --checkpoint logs/run-x/ckpt.pt --port 7861
+
+The model is whatever inference.py finds; without one the page says how to get one instead of
+crashing. Generation is inference.py's generator (int8 weights and a KV cache on a CPU); this file
+only builds the page. Limits hold on the server whatever the page sends: at most MAX_NEW_TOKENS new
+tokens and MAX_PROMPT_CHARS of seed text per request, a queue of QUEUE_SIZE waiting requests and
+CONCURRENCY generations at a time, so that a 2-vCPU Space stays up under load.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import gradio as gr
+import pandas as pd
+import torch
+
+from inference import MODEL_ENV_VAR, CheckpointError, generate_ids, load_model, prepare_for_generation, stream_text
+from model import gpt2_tokenizer
+
+MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
+MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)
+CONCURRENCY = 1          # generations at a time: one already keeps both cores of a free Space busy
+QUEUE_SIZE = 20          # requests waiting; the next one is told the queue is full, at once
+EXAMPLES = [  # openings from the play (input.txt): seed text, max tokens, temperature, top N, seed
+    ['ROMEO:', 100, 0.7, 50, 1],
+    ['JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?', 100, 0.7, 50, 2],
+    ['GLOUCESTER:\nNow is the winter of our discontent', 100, 0.7, 50, 3],
+    ['First Citizen:\nBefore we proceed any further, hear me speak.', 100, 0.5, 0, 4],
+]
+PLOTS = [('loss', 'Training loss'), ('lr', 'Learning rate'), ('norm', 'Gradient norm (before clipping)'),
+         ('tok_per_sec', 'Training tokens/s')]
+
+# ---- the model and its training run ----
+
+def load(source=None):
+    """(model ready for generation or None, the path it came from or None, one line for the page:
+    what was loaded, or why nothing was)."""
+    try:
+        model, info = load_model(source)
+    except CheckpointError as e:
+        return None, None, str(e)
+    precision = 'int8' if next(model.parameters()).device.type == 'cpu' else 'float32'
+    prepare_for_generation(model, precision)
+    step = f', trained {info["step"]} steps' if info['step'] is not None else ''
+    about = (f'{info["path"]}{step}, {model.num_params() / 1e6:.1f}M parameters, {precision} weights, '
+             f'{torch.get_num_threads()} CPU threads')
+    return model, info['path'], about
+
+
+def find_metrics(source, path):
+    """The metrics.jsonl of the run behind the model: beside the checkpoint (train.py writes it
+    there), or in the Hub repo the model came from. None if there is none."""
+    if path:
+        local = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), 'metrics.jsonl')
+        if os.path.exists(local):
+            return local
+    if source and not os.path.exists(source) and '/' in source:  # a Hub repo id
+        try:
+            from huggingface_hub import hf_hub_download
+            return hf_hub_download(source, 'metrics.jsonl')
+        except Exception:  # no metrics.jsonl in the repo, or no network: the tab says so
+            return None
+    return None
+
+
+def read_metrics(path, max_points=2000):
+    """metrics.jsonl -> DataFrame with columns step, loss, lr, norm, tok_per_sec, one row per step,
+    thinned to at most max_points rows so that the page stays light. Lines that are not JSON objects
+    with a step (a run killed mid-write) are skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and 'step' in row:
+                rows.append(row)
+    df = pd.DataFrame(rows, columns=['step'] + [y for y, _ in PLOTS]).apply(pd.to_numeric, errors='coerce')
+    if len(df) > max_points:
+        df = df.iloc[::math.ceil(len(df) / max_points)]
+    return df
+
+# ---- one request ----
+
+def check_request(prompt, max_new_tokens, temperature, top_k, seed):
+    """The request's parameters made safe, or gr.Error saying what is wrong. Returns (prompt,
+    max_new_tokens, temperature, top_k, seed, notes on what was capped)."""
+    def bad(message):
+        return gr.Error(message, print_exception=False)  # a message for the page, not a server traceback
+    notes = []
+    prompt = prompt or ''  # empty: inference.py starts from <|endoftext|>
+    if len(prompt) > MAX_PROMPT_CHARS:
+        prompt = prompt[-MAX_PROMPT_CHARS:]
+        notes.append(f'seed text cropped to its last {MAX_PROMPT_CHARS} characters')
+    if max_new_tokens is None or not max_new_tokens >= 1:  # `not >=` also catches NaN
+        raise bad(f'Max tokens must be a number from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens}.')
+    if max_new_tokens > MAX_NEW_TOKENS:
+        notes.append(f'max tokens capped at {MAX_NEW_TOKENS}')
+    max_new_tokens = int(min(max_new_tokens, MAX_NEW_TOKENS))
+    if temperature is None or not 0 <= temperature <= 1:
+        raise bad(f'Temperature must be from 0 (always the likeliest token) to 1, got {temperature}.')
+    top_k = int(top_k) if top_k is not None and top_k == top_k and top_k > 0 else None  # empty or <= 0: all
+    if seed is not None and not (seed == seed and abs(seed) < 2 ** 63):
+        raise bad(f'Seed must be a whole number, got {seed}.')
+    seed = int(seed) if seed is not None else int.from_bytes(os.urandom(4), 'little')  # empty: random
+    return prompt, max_new_tokens, float(temperature), top_k, seed, notes
+
+
+def make_generate_fn(model, about):
+    def generate_text(prompt, max_new_tokens, temperature, top_k, seed):
+        """Yields (seed text + new text so far, status line) as tokens come: a generator, so the page
+        shows every piece at once."""
+        if model is None:
+            raise gr.Error(about, print_exception=False)
+        prompt, max_new_tokens, temperature, top_k, seed, notes = check_request(
+            prompt, max_new_tokens, temperature, top_k, seed)
+        n = 0  # tokens made so far, for the status line
+
+        def counted(tokens):
+            nonlocal n
+            for token in tokens:
+                n += 1
+                yield token
+
+        ids = gpt2_tokenizer().encode(prompt, allowed_special='all')
+        text, t0 = prompt, time.perf_counter()
+        for piece in stream_text(counted(generate_ids(model, ids, max_new_tokens, temperature, top_k, seed=seed))):
+            text += piece
+            yield text, f'{n} tokens...'
+        dt = time.perf_counter() - t0
+        yield text, '; '.join([f'{n} tokens in {dt:.1f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {seed}'] + notes)
+    return generate_text
+
+# ---- the page ----
+
+def build_demo(source=None):
+    model, path, about = load(source)
+    metrics = find_metrics(source or os.environ.get(MODEL_ENV_VAR), path)
+
+    with gr.Blocks(title='GPT-2 Shakespeare', analytics_enabled=False) as demo:
+        gr.Markdown('# GPT-2 Shakespeare\nOpenAI\'s GPT-2 (124M) trained from scratch on Tiny Shakespeare. '
+                    'Type the start of a scene; the model writes on, token by token.')
+        if model is None:
+            gr.Markdown(f'**No model loaded.** {about}', elem_id='no-model')
+        else:
+            gr.Markdown(f'Model: `{about}`', elem_id='model-info')
+
+        with gr.Tab('Generate'):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    prompt = gr.Textbox(label='Seed text', lines=4, max_length=MAX_PROMPT_CHARS, elem_id='prompt',
+                                        placeholder='ROMEO:',
+                                        info='Empty: the model starts a fresh document from <|endoftext|>.')
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=100, step=1, label='Max tokens to generate')
+                    temperature = gr.Slider(0, 1, value=0.7, step=0.05, label='Temperature',
+                                            info='0: always the likeliest token; 1: sample from the model as it is')
+                    top_k = gr.Number(value=50, precision=0, label='Top N tokens per step',
+                                      info='Sample among the N likeliest tokens only; empty or 0: all tokens')
+                    seed = gr.Number(value=None, precision=0, label='Seed',
+                                     info='The same seed and settings give the same text; empty: random')
+                    button = gr.Button('Generate', variant='primary', elem_id='generate')
+                with gr.Column(scale=2):
+                    output = gr.Textbox(label='Text', lines=20, elem_id='output', buttons=['copy'])
+                    status = gr.Markdown(elem_id='status')
+            inputs = [prompt, max_new_tokens, temperature, top_k, seed]
+            gr.Examples(EXAMPLES, inputs=inputs, label='Openings from the play')
+            button.click(make_generate_fn(model, about), inputs, [output, status], api_name='generate')
+
+        with gr.Tab('Training run'):
+            if metrics is None:
+                gr.Markdown('No training metrics found: train.py writes `metrics.jsonl` beside `ckpt.pt`; '
+                            'upload it to the Hub repo beside the model to see the run here.')
+            else:
+                df = read_metrics(metrics)
+                last = df.iloc[-1] if len(df) else None
+                gr.Markdown(f'`{metrics}`: {len(df)} steps' +
+                            (f', last loss {last.loss:.4f} at step {int(last.step)}' if last is not None else ''))
+                for row in (PLOTS[:2], PLOTS[2:]):
+                    with gr.Row():
+                        for y, title in row:
+                            gr.LinePlot(df, x='step', y=y, title=title, height=260)
+
+    # a bounded queue: waiting requests beyond QUEUE_SIZE are refused at once instead of piling up
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+    return demo
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', default=None,
+                        help=f'checkpoint path, run directory, Hugging Face directory or Hub repo id '
+                             f'(default: ${MODEL_ENV_VAR}, else the newest logs/**/ckpt.pt)')
+    parser.add_argument('--host', default=None,
+                        help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; a Space sets 0.0.0.0)")
+    parser.add_argument('--port', type=int, default=None, help='port (default: $GRADIO_SERVER_PORT, else 7860)')
+    args = parser.parse_args()
+    build_demo(args.checkpoint).launch(server_name=args.host, server_port=args.port)
