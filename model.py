@@ -187,6 +187,11 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """Final LayerNorm, logits (B, T, C) -> (B, T, vocab_size) and the loss against targets. A
+        method of its own so that train.py can compile it apart from the blocks."""
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         if targets is None:

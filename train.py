@@ -218,9 +218,10 @@ def evaluate(model, windows, batch_size, ctx, rank=0, world=1):
     split the batches and add up their loss sums and target counts."""
     model.eval()
     total = torch.zeros(2, device=windows.device)  # (loss sum, number of targets)
+    eager = torch.compiler.set_stance('force_eager')  # a one-off pass: compiling it for eval would cost more
     for b in range(rank, math.ceil(windows.n / batch_size), world):
         x, y = windows.get(b * batch_size, batch_size, wrap=False)
-        with ctx:
+        with ctx, eager:
             _, loss = model(x, y)
         count = (y != -1).sum()
         total += torch.stack([loss.float().nan_to_num() * count, count.float()])  # nan: a batch of padding only
@@ -414,6 +415,7 @@ def train(argv, t_start):
     if use_compile and args.compile_mode == 'blocks':
         for block in raw_model.transformer.h:
             block.compile()  # the 12 blocks share one compiled graph
+        raw_model.head = torch.compile(raw_model.head)  # ln_f, lm_head and the loss: memory-bound when eager
     elif use_compile:
         cmodel = torch.compile(raw_model)
     model = DDP(cmodel, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else cmodel
@@ -454,7 +456,7 @@ def train(argv, t_start):
         if master:
             # the last update may itself have diverged: weights that give no finite loss are never saved
             raw_model.eval()
-            with torch.no_grad(), ctx:
+            with torch.no_grad(), ctx, torch.compiler.set_stance('force_eager'):
                 _, loss = raw_model(*train_windows.get(position, B))
             raw_model.train()
             if not torch.isfinite(loss):
@@ -525,14 +527,14 @@ def train(argv, t_start):
         whole_loss = None
         if loss_val < args.target_loss and step >= next_target_eval:
             # one lucky batch is no result: the loss over the whole text decides
-            whole_loss = row['whole_loss'] = evaluate(cmodel, train_windows, B, ctx, rank, world)
+            whole_loss = row['whole_loss'] = evaluate(raw_model, train_windows, B, ctx, rank, world)
             log(f'whole-text loss after step {step}: {whole_loss:.6f} (target {args.target_loss})')
             next_target_eval = step + args.target_cooldown
         if args.eval_interval and (step + 1) % args.eval_interval == 0:
             if whole_loss is None:
-                row['whole_loss'] = evaluate(cmodel, train_windows, B, ctx, rank, world)
+                row['whole_loss'] = evaluate(raw_model, train_windows, B, ctx, rank, world)
             if val_windows:
-                row['val_loss'] = evaluate(cmodel, val_windows, B, ctx, rank, world)
+                row['val_loss'] = evaluate(raw_model, val_windows, B, ctx, rank, world)
             log(f'eval after step {step} | whole-text loss: {row["whole_loss"]:.6f}'
                 + (f' | val loss: {row["val_loss"]:.6f}' if val_windows else ''))
         if master:
@@ -549,7 +551,7 @@ def train(argv, t_start):
     # ---- wrap-up ----
     reached = whole_loss is not None and whole_loss < args.target_loss
     if not reached:  # the final number is always the loss over the whole text
-        whole_loss = evaluate(cmodel, train_windows, B, ctx, rank, world)
+        whole_loss = evaluate(raw_model, train_windows, B, ctx, rank, world)
         reached = whole_loss < args.target_loss
     checkpoint(step + 1)
     wall = elapsed_before + time.time() - t_start
