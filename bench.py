@@ -28,7 +28,7 @@ parser.add_argument('--device', default='auto', help='auto | cuda | cpu | mps')
 parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
 parser.add_argument('--batch-sizes', type=int, nargs='+', default=[16, 32, 64], help='micro-batch sizes')
 parser.add_argument('--compile', nargs='+', default=['model'], choices=['none', 'model', 'blocks'],
-                    help="'model': torch.compile the whole model; 'blocks': compile each block (one compile, reused)")
+                    help="'model': torch.compile the whole model; 'blocks': compile each block (one compile, reused) and the head + loss")
 parser.add_argument('--steps', type=int, default=20, help='timed steps after warm-up')
 parser.add_argument('--warmup', type=int, default=5, help='untimed steps; the first one compiles')
 parser.add_argument('--n-layer', type=int, default=12)
@@ -92,6 +92,7 @@ for mode in args.compile:
         elif mode == 'blocks':
             for block in model.transformer.h:
                 block.compile()
+            model.head = torch.compile(model.head)  # as train.py --compile-mode blocks does
         data = torch.randint(0, 50257, (B, T + 1), device=args.device)
         x, y = data[:, :-1], data[:, 1:]
         if device_type == 'cuda':

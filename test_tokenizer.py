@@ -33,6 +33,7 @@ def test_input_txt_is_338025_tokens_with_no_network(no_network, tmp_path):
     enc = gpt2_tokenizer()
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
     assert enc.decode(tokens[:10].tolist()) == 'First Citizen:\nBefore we proceed any further,'
+    assert enc.decode(tokens.tolist()) == open(INPUT, encoding='utf-8').read()  # lossless, all of it
     assert enc.encode_ordinary('Hello world') == [15496, 995]  # the ids of tiktoken's 'gpt2'
 
 
