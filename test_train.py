@@ -23,7 +23,8 @@ from model import GPT, GPTConfig
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INPUT = os.path.join(ROOT, 'input.txt')
 TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '4',
-        '--total-batch-tokens', '256', '--warmup-steps', '2', '--checkpoint-interval', '0', '--device', 'cpu']
+        '--total-batch-tokens', '256', '--warmup-steps', '2', '--checkpoint-interval', '0', '--device', 'cpu',
+        '--samples', '0']
 STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: \d+\.\d\dms \| tok/sec: \d+\.\d\d \| norm: (\S+) \| lr: (\S+)')
 
 
@@ -67,13 +68,13 @@ def test_windows_make_every_token_but_the_first_a_target_once(monkeypatch, on_de
 
 def test_tiny_model_reaches_the_target_on_a_slice(data, tmp_path):
     out = tmp_path / 'run'
-    rc, log = run(out, '--data', data, '--data-tokens', '257', '--lr', '1e-2', '--max-steps', '300')
+    rc, log = run(out, '--data', data, '--data-tokens', '257', '--lr', '1e-2', '--max-steps', '300', '--samples', '3')
     assert rc == 0
     lines = log.splitlines()
     assert lines[0].startswith('command: python train.py ') and lines[1].startswith('git commit: ')
     assert lines[2].startswith('device: CPU') and 'torch 2.' in lines[3] and 'tiktoken' in lines[3]
     assert json.loads(lines[4].removeprefix('config: '))['data_tokens'] == 257
-    final = lines[-1]
+    final = next(line for line in lines if line.startswith('target '))
     assert final.startswith('target reached at step '), final
     printed = float(re.search(r'whole-text loss: (\S+)', final).group(1))
     assert printed < 0.099999
@@ -93,6 +94,10 @@ def test_tiny_model_reaches_the_target_on_a_slice(data, tmp_path):
         _, loss = model.eval()(tokens[:-1].view(8, 32), tokens[1:].view(8, 32))
     assert loss.item() < 0.099999
     assert abs(loss.item() - printed) < 1e-5
+
+    # the final model's samples close the log; this one learnt the play's first lines by heart
+    assert log.count('--- sample: prompt ') == 3
+    assert 'First Citizen:\nBefore we proceed any further' in log
 
     rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert len(rows) == n_steps

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import shlex
@@ -41,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT2_VOCAB_SIZE, GPT, GPTConfig, gpt2_tokenizer
 
+SAMPLE_PROMPTS = ['ROMEO:\n', 'KING RICHARD II:\n', 'First Citizen:\n', 'JULIET:\n', 'MENENIUS:\n']
 ON_DEVICE_BYTES = 1 << 30  # token arrays below this (as int64 inputs + targets) live on the training device
 
 
@@ -94,6 +96,8 @@ def build_parser():
     g.add_argument('--eval-interval', type=int, default=0,
                    help='every N steps, log the whole-text loss (and the validation loss) (0: never)')
     g.add_argument('--checkpoint-interval', type=int, default=500, help='write ckpt.pt every N steps (and at the end)')
+    g.add_argument('--samples', type=int, default=3,
+                   help='at the end, log this many 100-token samples of the final model, from speakers of the play')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     g.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
@@ -104,6 +108,9 @@ def build_parser():
     g.add_argument('--compile-mode', default='model', choices=['model', 'blocks'],
                    help='model: compile the whole model; blocks: compile each transformer block '
                         '(one compile reused by every block: starts faster)')
+    g.add_argument('--ddp-timeout', type=float, default=1800,
+                   help='seconds a process waits for the others in a collective before the run fails (one '
+                        'process hung or stopped); a process that dies is noticed at once (default: 1800)')
     return p
 
 
@@ -122,7 +129,10 @@ def _safe_cut(text):
 def tokenize_file(path, out_path, piece_chars=1 << 20):
     """Tokenize a UTF-8 text into a uint16 file, streamed in pieces of about piece_chars characters
     (bounded memory for any size). A BOM is dropped and Windows line ends read as '\\n'."""
-    enc = gpt2_tokenizer()
+    try:
+        enc = gpt2_tokenizer()
+    except (OSError, ValueError) as e:  # the ranks file is missing or fails its sha256 check
+        raise TrainError(f'cannot load the GPT-2 tokenizer: {e}') from None
     tmp = f'{out_path}.{os.getpid()}.tmp'
     try:
         with open(path, encoding='utf-8-sig') as f, open(tmp, 'wb') as out:
@@ -151,8 +161,12 @@ def tokenize_file(path, out_path, piece_chars=1 << 20):
 def load_tokens(path, piece_chars=1 << 20):
     """GPT-2 token ids of a text file (cached beside it as <name>.gpt2-<key>.bin, keyed by size and
     mtime, so a second run starts at once) or of a uint16 .bin file, as a read-only memmap."""
+    if os.path.isdir(path):
+        raise TrainError(f'data file {path} is a directory; give a text file or a .bin of token ids')
     if not os.path.isfile(path):
         raise TrainError(f'data file {path} not found')
+    if not os.access(path, os.R_OK):
+        raise TrainError(f'data file {path} cannot be read (permission denied)')
     bin_path = path
     if not path.endswith('.bin'):
         st = os.stat(path)
@@ -253,13 +267,23 @@ def set_rng_state(state):
 
 def save_checkpoint(path, ckpt):
     """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over the
-    old one. A crash at any moment leaves either the old checkpoint or the new one, whole."""
+    old one. A crash at any moment leaves either the old checkpoint or the new one, whole (and maybe a
+    stale .tmp, which the next save overwrites). A failed write (disk full, no permission) removes its
+    .tmp and raises TrainError; the old checkpoint stays."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        os_error = e if isinstance(e, OSError) else e.__context__  # torch.save raises RuntimeError over the OSError
+        reason = os_error.strerror if isinstance(os_error, OSError) and os_error.strerror else str(e).splitlines()[0]
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise TrainError(f'cannot write the checkpoint {path} ({reason}); ' + ('the previous checkpoint is left '
+                         'as it was' if os.path.exists(path) else 'no checkpoint was written')) from None
 
 
 def load_checkpoint(path):
@@ -267,6 +291,11 @@ def load_checkpoint(path):
         raise TrainError(f'--resume: no checkpoint at {path}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'GLOBAL ' in str(e):  # weights_only=True met a class or function: unpickling it could run code
+            raise TrainError(f'--resume: {path} refused: it holds pickled objects other than tensors and plain '
+                             f'containers ({str(e).split("GLOBAL ")[1].split()[0]}), which could run code when loaded')
+        raise TrainError(f'--resume: {path} is not a readable checkpoint (UnpicklingError)')
     except Exception as e:
         raise TrainError(f'--resume: {path} is not a readable checkpoint ({type(e).__name__})')
     need = {'model_args', 'model', 'optimizer', 'step', 'tokens_seen', 'elapsed', 'data_state', 'config'}
@@ -336,8 +365,10 @@ def train(argv, t_start):
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision('high')  # TF32 matmuls for whatever runs in float32
     if ddp:
+        # the timeout bounds every collective: a process that hangs fails the run instead of stalling it forever
         dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
-                                device_id=torch.device(device) if device_type == 'cuda' else None)
+                                device_id=torch.device(device) if device_type == 'cuda' else None,
+                                timeout=datetime.timedelta(seconds=args.ddp_timeout))
     dtype = args.dtype
     if dtype == 'auto':
         dtype = 'float32' if device_type != 'cuda' else \
@@ -423,9 +454,25 @@ def train(argv, t_start):
     # ---- logging ----
     log_file = metrics_file = None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        log_file = open(os.path.join(out_dir, 'train.log'), 'a', buffering=1)
-        metrics_file = open(os.path.join(out_dir, 'metrics.jsonl'), 'a', buffering=1)
+        try:  # an out-dir we cannot write to fails now, not at the first checkpoint hours later
+            os.makedirs(out_dir, exist_ok=True)
+            log_file = open(os.path.join(out_dir, 'train.log'), 'a', buffering=1)
+            # a run killed after its last checkpoint logged steps that this one does again: metrics.jsonl keeps
+            # one row per step (train.log keeps every line; its 'resumed from ... at step N' marks the redo)
+            metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+            kept = []
+            if os.path.exists(metrics_path):
+                with open(metrics_path) as f:
+                    for line in f:
+                        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by the kill
+                            if json.loads(line)['step'] < start_step:
+                                kept.append(line.rstrip('\n') + '\n')
+            with open(metrics_path + '.tmp', 'w') as f:
+                f.writelines(kept)
+            os.replace(metrics_path + '.tmp', metrics_path)
+            metrics_file = open(metrics_path, 'a', buffering=1)
+        except OSError as e:
+            raise TrainError(f'cannot write to the out-dir {out_dir} ({e.strerror})') from None
 
     def log(msg):
         if master:
@@ -558,6 +605,13 @@ def train(argv, t_start):
     log(f'{"target reached" if reached else "target NOT reached"} at step {step} | tokens seen: {tokens_seen:,} | '
         f'wall time: {wall:.1f}s (first step {first_step_s or 0:.1f}s{", compile included" if use_compile else ""}) | '
         f'whole-text loss: {whole_loss:.6f} (target {args.target_loss}) | checkpoint: {ckpt_path}')
+    if master and args.samples > 0:
+        from inference import generate  # generation is written once, in inference.py
+        raw_model.eval()
+        with torch.compiler.set_stance('force_eager'):
+            for prompt in SAMPLE_PROMPTS[:args.samples]:
+                text = ''.join(generate(raw_model, prompt, 100, temperature=0.7, top_k=50, seed=args.seed))
+                log(f'--- sample: prompt {prompt!r}, 100 tokens, temperature 0.7, top-k 50, seed {args.seed}\n{prompt}{text}')
     return 0
 
 
