@@ -1,0 +1,393 @@
+"""Faults, bad files and any text: a training run killed at any moment loses at most one checkpoint
+interval and resumes to the same losses; a full or unwritable disk, a checkpoint that carries code, a
+truncated or foreign file, a tampered tokenizer and odd texts each end in one clear line, never a
+traceback; a dead or hung DDP process stops the run in bounded time. Most runs are real train.py
+processes killed with real signals. The slowest tests are marked `slow` (python3 -m pytest -q -m slow)."""
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import inference
+import train
+from model import gpt2_tokenizer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INPUT = os.path.join(ROOT, 'input.txt')
+# a tiny model, one micro-step of 4 x 32 tokens per step: a step takes tens of milliseconds on a CPU
+TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '4',
+        '--total-batch-tokens', '128', '--warmup-steps', '2', '--lr', '1e-2', '--device', 'cpu']
+STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: .* \| norm: (\S+) \| lr: (\S+)')
+
+
+@pytest.fixture(scope='module')
+def text(tmp_path_factory):
+    """The first ~3,000 tokens of input.txt in a private folder (its token cache lands there too)."""
+    path = tmp_path_factory.mktemp('data') / 'shakespeare.txt'
+    path.write_text(open(INPUT, encoding='utf-8').read()[:12_000], encoding='utf-8')
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def checkpoint(text, tmp_path_factory):
+    """A real train.py checkpoint after 2 steps (tests copy it before they spoil it)."""
+    out = tmp_path_factory.mktemp('trained')
+    assert train.main([*TINY, '--data', text, '--max-steps', '2', '--checkpoint-interval', '0', '--out-dir', str(out)]) == 0
+    return out / 'ckpt.pt'
+
+
+def start(*argv, preexec_fn=None):
+    """train.py as its own process (stdout is train.log's copy: dropped, so that no pipe fills up)."""
+    return subprocess.Popen([sys.executable, 'train.py', *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+
+
+def wait_until(condition, proc, timeout=120, poll=0.02):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f'train.py exited with {proc.returncode} too early: {proc.stderr.read()[-2000:]}')
+        assert time.time() < deadline, 'timed out'
+        time.sleep(poll)
+
+
+def logged_steps(out):
+    """Step numbers printed so far in <out>/train.log."""
+    log = out / 'train.log'
+    return [int(m.group(1)) for m in map(STEP_LINE.fullmatch, log.read_text().splitlines()) if m] if log.exists() else []
+
+
+def written_since(path, since_ns):
+    """path exists and was written after since_ns (so it is not a stale file from an earlier run)."""
+    try:
+        return path.stat().st_mtime_ns > since_ns
+    except FileNotFoundError:
+        return False
+
+
+def runs(log):
+    """train.log cut into its runs (each starts with a 'command:' header): (first step, step lines as
+    (step, loss, norm, lr) printed to the last digit). A resumed run starts at its checkpoint's step."""
+    out = []
+    for line in log.splitlines():
+        if line.startswith('command: '):
+            out.append([0, []])
+        elif m := re.match(r'resumed from .* at step (\d+) ', line):
+            out[-1][0] = int(m.group(1))
+        elif m := STEP_LINE.fullmatch(line):
+            out[-1][1].append(m.groups())
+    return out
+
+
+def one_line_error(proc_or_result, pattern):
+    """The process failed with exactly one stderr line `error: <pattern>`, no traceback."""
+    err = proc_or_result.stderr if isinstance(proc_or_result.stderr, str) else proc_or_result.stderr.read()
+    assert proc_or_result.returncode == 1, err[-3000:]
+    assert len(err.splitlines()) == 1 and re.fullmatch(f'error: {pattern}\n', err), err[-3000:]
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+# ---- killed at any moment: nothing lost but the steps since the last checkpoint ----
+
+def test_sigkill_at_random_moments_then_resume_gives_the_unbroken_run(text, tmp_path):
+    """SIGKILL during steps and during checkpoint writes (ckpt.pt.tmp half written), resume each time:
+    a loadable checkpoint is always there, at most K steps are lost, and every printed step, the final
+    whole-text loss and metrics.jsonl are those of a run that was never killed, to the last digit."""
+    seed = int(os.environ.get('FAULT_SEED', time.time_ns() % 100_000))
+    rng = random.Random(seed)
+    N, K = 24, 3  # steps, checkpoint interval
+    args = [*TINY, '--data', text, '--max-steps', str(N), '--checkpoint-interval', str(K)]
+    assert train.main([*args, '--out-dir', str(tmp_path / 'straight')]) == 0
+    straight = runs((tmp_path / 'straight' / 'train.log').read_text())[0][1]
+    out = tmp_path / 'killed'
+    ckpt, tmp = out / 'ckpt.pt', out / 'ckpt.pt.tmp'
+    resume = ['--resume', str(ckpt)]
+    stale_tmp = 0
+    for i, moment in enumerate(['step', 'write', 'step', 'write']):
+        saved = train.load_checkpoint(str(ckpt))['step'] if ckpt.exists() else 0
+        spawned = time.time_ns()
+        p = start(*(resume if ckpt.exists() else [*args, '--out-dir', str(out)]))
+        if moment == 'step':  # some random step after the checkpoint, at a random moment inside it
+            target = rng.randint(saved, min(saved + 2 * K, N - 4))
+            log = out / 'train.log'
+            wait_until(lambda: log.exists() and len(runs(log.read_text())) == i + 1 and
+                       any(int(s[0]) == target for s in runs(log.read_text())[i][1]), p)
+            time.sleep(rng.uniform(0, 0.2))
+        else:  # while this process writes a checkpoint (a stale .tmp from an earlier kill is older)
+            wait_until(lambda: written_since(tmp, spawned), p, poll=0.0005)
+        p.kill()
+        p.wait()
+        stale_tmp += tmp.exists()
+        printed = logged_steps(out)
+        assert ckpt.exists() or max(printed, default=-1) < K, f'seed {seed}: no checkpoint after step {max(printed)}'
+        if ckpt.exists():
+            step = train.load_checkpoint(str(ckpt))['step']  # loadable, whole
+            assert max(printed) + 1 - step <= K, f'seed {seed}: steps up to {max(printed)} printed, checkpoint at {step}'
+    p = start(*resume)
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    assert stale_tmp, f'seed {seed}: no kill landed inside a checkpoint write'
+    assert not tmp.exists()  # the resumed run's saves went through the stale file
+
+    # every step printed by every run equals the unbroken run's; the last print of each step makes the run
+    log = (out / 'train.log').read_text()
+    assert log.count('resumed from') >= 2
+    effective = []
+    for first, lines in runs(log):
+        assert [int(s[0]) for s in lines] == list(range(first, first + len(lines)))
+        assert lines == straight[first:first + len(lines)], f'seed {seed}'
+        assert len(effective) >= first
+        effective = effective[:first] + lines
+    assert effective == straight
+    final = re.compile(r'target NOT reached at step 23 \| tokens seen: 3,072 .* whole-text loss: (\S+) ')
+    assert final.search(log).group(1) == final.search((tmp_path / 'straight' / 'train.log').read_text()).group(1)
+    # metrics.jsonl keeps one row per step: the rows a killed run wrote past its checkpoint were dropped
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    want = [json.loads(line) for line in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
+    assert [(r['step'], r['loss'], r['norm']) for r in rows] == [(r['step'], r['loss'], r['norm']) for r in want]
+
+
+def test_sigint_during_a_checkpoint_write_saves_and_exits_130(text, tmp_path):
+    """Ctrl-C while ckpt.pt.tmp is being written: the write completes, the run stops after the next
+    step with a checkpoint of it, and exits 128 + SIGINT."""
+    out = tmp_path / 'run'
+    spawned = time.time_ns()
+    p = start(*TINY, '--data', text, '--max-steps', '100000', '--checkpoint-interval', '1', '--out-dir', str(out))
+    tmp = out / 'ckpt.pt.tmp'
+    wait_until(lambda: written_since(tmp, spawned), p, poll=0.0005)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 128 + signal.SIGINT, p.stderr.read()[-3000:]
+    last = logged_steps(out)[-1]
+    assert f'stopped by a signal after step {last}; checkpoint: ' in (out / 'train.log').read_text()
+    assert train.load_checkpoint(str(out / 'ckpt.pt'))['step'] == last + 1 and not tmp.exists()
+
+
+# ---- a full disk, an out-dir that turns read-only ----
+
+@contextlib.contextmanager
+def read_only(folder):
+    """Make a folder unwritable for real: chmod for a normal user; root ignores permissions, so for root
+    the folder is made immutable (chattr +i), which root obeys too."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        undo = lambda: os.chmod(folder, 0o755)
+    else:
+        r = subprocess.run(['chattr', '+i', str(folder)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f'running as root, where only chattr +i makes a folder unwritable, and it failed: {r.stderr.strip()}')
+        undo = lambda: subprocess.run(['chattr', '-i', str(folder)], check=True)
+    try:
+        yield
+    finally:
+        undo()
+
+
+def test_file_size_limit_during_a_checkpoint_write_keeps_the_previous_one(checkpoint, tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse the checkpoint's writes (EFBIG), as a full disk would."""
+    shutil.copytree(checkpoint.parent, tmp_path / 'run')
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    before = sha256(ckpt)
+
+    def limit():  # in the child: files may not grow past 1 MB; the checkpoint is ~20 MB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write() fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    p = start('--resume', str(ckpt), '--max-steps', '4', '--checkpoint-interval', '1', preexec_fn=limit)
+    p.wait(timeout=300)
+    one_line_error(p, re.escape(f'cannot write the checkpoint {ckpt} (File too large); the previous checkpoint is left as it was'))
+    assert sha256(ckpt) == before and not (tmp_path / 'run' / 'ckpt.pt.tmp').exists()
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(text, tmp_path):
+    """A real full filesystem: the out-dir on a 30 MB tmpfs holds one ~20 MB checkpoint and the logs,
+    not the next one's .tmp beside it (needs mount rights; skipped without them)."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=30m', 'tmpfs', str(disk)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f'cannot mount a small tmpfs here: {r.stderr.strip()}')
+    try:
+        out = disk / 'run'
+        p = start(*TINY, '--data', text, '--max-steps', '20', '--checkpoint-interval', '2', '--out-dir', str(out))
+        p.wait(timeout=300)
+        one_line_error(p, re.escape(f'cannot write the checkpoint {out / "ckpt.pt"} (No space left on device); '
+                                    f'the previous checkpoint is left as it was'))
+        assert train.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 2 and not (out / 'ckpt.pt.tmp').exists()
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_out_dir_turned_read_only_during_a_run_keeps_the_checkpoint(text, tmp_path):
+    out = tmp_path / 'run'
+    p = start(*TINY, '--data', text, '--max-steps', '100000', '--checkpoint-interval', '3', '--out-dir', str(out))
+    wait_until(lambda: (out / 'ckpt.pt').exists() and not (out / 'ckpt.pt.tmp').exists(), p, poll=0.001)
+    with read_only(out):
+        before = sha256(out / 'ckpt.pt')
+        p.wait(timeout=300)
+        one_line_error(p, re.escape(f'cannot write the checkpoint {out / "ckpt.pt"} (') + '(Permission denied|Operation not '
+                       r'permitted)\); the previous checkpoint is left as it was')
+        assert sha256(out / 'ckpt.pt') == before
+        with pytest.raises(train.TrainError, match=r'cannot write to the out-dir .* \((Permission denied|Operation not permitted)\)'):
+            train.main(['--resume', str(out / 'ckpt.pt')])  # a new run fails at once, not at its first checkpoint
+    step = train.load_checkpoint(str(out / 'ckpt.pt'))['step']
+    assert train.main(['--resume', str(out / 'ckpt.pt'), '--max-steps', str(step + 1)]) == 0  # writable again: it goes on
+
+
+# ---- untrusted files ----
+
+class RunsCode:
+    """Unpickling this object runs code: it writes the marker file."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("code ran")',)
+
+
+def test_checkpoint_carrying_code_is_refused_before_it_runs(checkpoint, tmp_path):
+    marker = tmp_path / 'code-ran'
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt['config'] = RunsCode(marker)
+    evil = tmp_path / 'evil.pt'
+    torch.save(ckpt, evil)
+    r = subprocess.run([sys.executable, 'train.py', '--resume', str(evil)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    one_line_error(r, re.escape(f'--resume: {evil} refused: it holds pickled objects other than tensors and plain '
+                                f'containers (exec), which could run code when loaded'))
+    r = subprocess.run([sys.executable, 'inference.py', '--checkpoint', str(evil), '--max-new-tokens', '1'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and 'refused' in r.stderr, r.stderr[-3000:]
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the file really carries code: loaded without the guard, it runs
+    assert marker.read_text() == 'code ran'
+
+
+def foreign_files(checkpoint, folder):
+    """A truncated checkpoint (two ways), and files that are no checkpoint at all."""
+    data = checkpoint.read_bytes()
+    files = {'truncated.pt': data[:len(data) // 2], 'header-only.pt': data[:100], 'empty.pt': b''}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    with zipfile.ZipFile(folder / 'archive.zip', 'w') as z:
+        z.writestr('notes.txt', 'not a checkpoint')
+    np.save(folder / 'array.npy', np.arange(10.0))
+    return [folder / name for name in [*files, 'archive.zip', 'array.npy']]
+
+
+def test_truncated_or_foreign_files_get_a_clear_error(checkpoint, tmp_path):
+    for path in foreign_files(checkpoint, tmp_path):
+        with pytest.raises(train.TrainError, match=re.escape(f'--resume: {path} is not a readable checkpoint (')):
+            train.main(['--resume', str(path)])
+        with pytest.raises(inference.CheckpointError, match=re.escape(f'{path}: not a readable PyTorch file (')):
+            inference.load_model(str(path))
+    r = subprocess.run([sys.executable, 'train.py', '--resume', str(tmp_path / 'truncated.pt')], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    one_line_error(r, re.escape(f'--resume: {tmp_path / "truncated.pt"} is not a readable checkpoint (RuntimeError)'))
+
+
+def test_tampered_tokenizer_ranks_file_is_refused(tmp_path):
+    """Two tokens' ranks swapped: the tokenizer would still run, with wrong ids; the sha256 check stops it,
+    in model.gpt2_tokenizer and in train.py run from a copy of the repository holding that file."""
+    lines = open(os.path.join(ROOT, 'gpt2.tiktoken'), 'rb').read().splitlines()
+    (a, ra), (b, rb) = lines[1000].split(), lines[1001].split()
+    lines[1000], lines[1001] = a + b' ' + rb, b + b' ' + ra
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    for name in ('train.py', 'model.py'):
+        shutil.copy(os.path.join(ROOT, name), repo)
+    (repo / 'gpt2.tiktoken').write_bytes(b'\n'.join(lines) + b'\n')
+    with pytest.raises(ValueError, match='is not the GPT-2 ranks file'):
+        gpt2_tokenizer(str(repo / 'gpt2.tiktoken'))
+    (repo / 'text.txt').write_text('To be, or not to be: that is the question.\n' * 20)
+    r = subprocess.run([sys.executable, 'train.py', '--data', 'text.txt'], cwd=repo, capture_output=True, text=True, timeout=120)
+    one_line_error(r, re.escape(f'cannot load the GPT-2 tokenizer: {repo / "gpt2.tiktoken"} is not the GPT-2 ranks file '
+                                f'(sha256 mismatch); restore it from the repository'))
+    assert not list(repo.glob('text.gpt2-*.bin'))  # and nothing was cached from it
+
+
+# ---- any text: it trains, or one line says why not ----
+
+def test_non_latin_scripts_and_emoji_train_and_round_trip(tmp_path):
+    """Scripts, emoji with skin tones and ZWJ sequences, combining marks, with a BOM and CRLF line ends,
+    tokenized in small pieces: the ids decode to the exact text, and a model trains on them."""
+    lines = ['Привет, мир! Съешь же ещё этих мягких французских булок.', 'こんにちは世界。吾輩は猫である。',
+             'مرحبا بالعالم، هذا نص عربي.', 'नमस्ते दुनिया, यह हिंदी है।', '👋🏽 hello 👩‍👩‍👧‍👦 family 🇫🇷 flag ❤️‍🔥',
+             'e\u0301 a\u0308 Z\u0351\u0325alg\u0300o', '한국어 텍스트와 ελληνικά και עברית']
+    body = '\n'.join(lines * 20) + '\n'
+    path = tmp_path / 'world.txt'
+    path.write_bytes(b'\xef\xbb\xbf' + body.replace('\n', '\r\n').encode('utf-8'))
+    tokens = train.load_tokens(str(path), piece_chars=300)
+    assert gpt2_tokenizer().decode(tokens.tolist()) == body and len(tokens) > 33
+    out = tmp_path / 'run'
+    assert train.main([*TINY, '--data', str(path), '--max-steps', '3', '--out-dir', str(out)]) == 0
+    assert len(logged_steps(out)) == 3
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('spaces.txt', b' \n\t\r\n    \n\n  ', r'the text of .* has \d+ tokens, fewer than one sequence'),
+    ('notes.txt.gz', b'\x1f\x8b\x08\x00' + bytes(range(256)) * 4, r'is not UTF-8 text \(byte 0x8b'),
+    ('odd.bin', b'\x01\x02\x03', r'is not a file of uint16 token ids \(odd size\)'),
+    ('random.bin', np.arange(60_000, 60_100, dtype=np.uint16).tobytes(), r'holds ids >= 50257: not GPT-2 tokens'),
+    ('folder', None, r'data file .*folder is a directory; give a text file or a .bin of token ids'),
+])
+def test_odd_data_files_get_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(train.TrainError, match=message):
+        train.main([*TINY, '--data', str(path), '--max-steps', '1', '--out-dir', str(tmp_path / 'run')])
+
+
+def test_text_of_nul_bytes_trains(tmp_path):
+    """Binary-looking but valid UTF-8 (NUL is a character): it is text, so it trains."""
+    path = tmp_path / 'zeros.txt'
+    path.write_bytes(b'\x00 \x00\n' * 400)
+    assert train.main([*TINY, '--data', str(path), '--max-steps', '2', '--out-dir', str(tmp_path / 'run')]) == 0
+
+
+def watch_memory(proc, until):
+    """Peak anonymous memory (RssAnon: not the memmap's file pages, which the kernel can drop) of a
+    running process in bytes, polled until until() or the process ends."""
+    peak = 0
+    while proc.poll() is None and not until():
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            status = open(f'/proc/{proc.pid}/status').read().splitlines()
+            peak = max(peak, int(next(s for s in status if s.startswith('RssAnon:')).split()[1]) * 1024)
+        time.sleep(0.01)
+    return peak
+
+
+def test_token_file_larger_than_the_memory_allowed_trains_through_the_memmap(tmp_path):
+    """A 1 GiB .bin (512M tokens: real ones, then a sparse tail of token 0, so the disk holds little)
+    trains with the process's data memory capped at 768 MiB by RLIMIT_DATA: loading the ids into
+    memory (2 bytes each as uint16, 16 as int64 inputs and targets) would fail, the memmap does not."""
+    big = tmp_path / 'big.bin'
+    ids = np.asarray(gpt2_tokenizer().encode_ordinary(open(INPUT, encoding='utf-8').read()[:100_000]), dtype=np.uint16)
+    ids.tofile(big)
+    with open(big, 'r+b') as f:
+        f.truncate(1 << 30)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_DATA, (768 << 20, 768 << 20))
+    out = tmp_path / 'run'
+    p = start(*TINY, '--data', str(big), '--max-steps', '100000', '--checkpoint-interval', '0', '--out-dir', str(out),
+              preexec_fn=cap)
+    peak = watch_memory(p, lambda: 2 in logged_steps(out))
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 128 + signal.SIGTERM, p.stderr.read()[-3000:]
+    assert '536,870,912 training tokens' in (out / 'train.log').read_text()
+    assert peak < 768 << 20, peak
+    assert train.load_checkpoint(str(out / 'ckpt.pt'))['step'] >= 3
