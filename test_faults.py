@@ -1,8 +1,9 @@
 """Faults, bad files and any text: a training run killed at any moment loses at most one checkpoint
 interval and resumes to the same losses; a full or unwritable disk, a checkpoint that carries code, a
 truncated or foreign file, a tampered tokenizer and odd texts each end in one clear line, never a
-traceback; a dead or hung DDP process stops the run in bounded time. Most runs are real train.py
-processes killed with real signals. The slowest tests are marked `slow` (python3 -m pytest -q -m slow)."""
+traceback; a dead or hung DDP process stops the run in bounded time; the app under load answers or
+refuses every request. Most runs are real train.py processes killed with real signals. The slowest
+tests (DDP, load) are marked `slow`: pytest.ini leaves them out; `python3 -m pytest -q -m slow` runs them."""
 import contextlib
 import hashlib
 import json
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -24,12 +26,14 @@ import torch
 import inference
 import train
 from model import gpt2_tokenizer
+from test_app import server  # noqa: F401 -- the fixture: `python app.py` on a tiny random checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INPUT = os.path.join(ROOT, 'input.txt')
-# a tiny model, one micro-step of 4 x 32 tokens per step: a step takes tens of milliseconds on a CPU
+# a tiny model, one micro-step of 4 x 32 tokens per step: a step takes tens of milliseconds on a CPU; no
+# samples at the end (300 tokens of generation would cost more than the run)
 TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '4',
-        '--total-batch-tokens', '128', '--warmup-steps', '2', '--lr', '1e-2', '--device', 'cpu']
+        '--total-batch-tokens', '128', '--warmup-steps', '2', '--lr', '1e-2', '--device', 'cpu', '--samples', '0']
 STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: .* \| norm: (\S+) \| lr: (\S+)')
 
 
@@ -59,7 +63,8 @@ def wait_until(condition, proc, timeout=120, poll=0.02):
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None:
-            pytest.fail(f'train.py exited with {proc.returncode} too early: {proc.stderr.read()[-2000:]}')
+            err = proc.stderr.read()[-2000:] if proc.stderr else '(stderr went to a file)'
+            pytest.fail(f'train.py exited with {proc.returncode} too early: {err}')
         assert time.time() < deadline, 'timed out'
         time.sleep(poll)
 
@@ -391,3 +396,251 @@ def test_token_file_larger_than_the_memory_allowed_trains_through_the_memmap(tmp
     assert '536,870,912 training tokens' in (out / 'train.log').read_text()
     assert peak < 768 << 20, peak
     assert train.load_checkpoint(str(out / 'ckpt.pt'))['step'] >= 3
+
+
+# ---- DDP faults ----
+# 2 processes under torchrun on the CPU (Gloo), one micro-step of 4 x 32 tokens each
+DDP = [*TINY, '--data-tokens', '3000', '--total-batch-tokens', '256', '--lr-decay-steps', '20']
+
+
+def children(pid):
+    """{pid: environment} of the live child processes of pid, read from /proc."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+            if int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1]) == pid:  # "pid (comm) state ppid"
+                env = open(f'/proc/{entry}/environ', 'rb').read().decode(errors='replace').split('\0')
+                found[int(entry)] = dict(kv.split('=', 1) for kv in env if '=' in kv)
+    return found
+
+
+def alive(pid):
+    """pid runs (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def torchrun(stderr_path, *argv):
+    """train.py under `torchrun --standalone --nproc_per_node 2` (as test_train.py runs it), stderr to a file
+    (a worker that outlived torchrun would hold a pipe open). Yields (torchrun, ranks: {rank: pid}, filled
+    once both workers run); whatever still runs at the end is killed."""
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          'train.py', *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=open(stderr_path, 'w'), text=True)
+    ranks = {}
+    try:
+        yield p, ranks
+    finally:
+        for pid in [*ranks.values(), p.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()
+
+
+def find_ranks(p, ranks, timeout=120):
+    """Fill ranks with the pids of torchrun's two workers, told apart by the RANK torchrun gives them."""
+    deadline = time.time() + timeout
+    while len(ranks) < 2:
+        ranks.update({int(env['RANK']): pid for pid, env in children(p.pid).items() if 'RANK' in env})
+        assert p.poll() is None and time.time() < deadline, 'torchrun ended or its workers did not start'
+        time.sleep(0.05)
+
+
+def stops_in_time(p, ranks, limit):
+    """torchrun exits non-zero within limit seconds and leaves no worker behind; returns the seconds it took."""
+    t0 = time.time()
+    try:
+        rc = p.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f'torchrun still runs {limit} s after the fault')
+    took = time.time() - t0
+    assert rc != 0
+    deadline = time.time() + 10
+    while any(map(alive, ranks.values())):  # torchrun tore its workers down, it did not orphan them
+        assert time.time() < deadline, f'workers {[pid for pid in ranks.values() if alive(pid)]} outlived torchrun'
+        time.sleep(0.05)
+    return took
+
+
+@pytest.fixture(scope='module')
+def ddp_straight(text, tmp_path_factory):
+    """An unbroken 2-process run of 20 steps: what a killed and resumed one must print."""
+    out = tmp_path_factory.mktemp('ddp') / 'straight'
+    with torchrun(out.parent / 'straight.err', *DDP, '--data', text, '--max-steps', '20', '--out-dir', str(out)) as (p, _):
+        assert p.wait(timeout=300) == 0, (out.parent / 'straight.err').read_text()[-3000:]
+    return out / 'train.log'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('rank', [0, 1])
+def test_ddp_process_killed_stops_the_run_and_it_resumes(text, tmp_path, ddp_straight, rank):
+    """SIGKILL one of two processes mid-run: the other's all-reduce fails at once (its peer's socket
+    closes), torchrun ends the run with a non-zero status in seconds and leaves no process behind;
+    `torchrun ... --resume` goes on from the last checkpoint, printing what the unbroken run printed."""
+    N, K = 20, 3  # steps, checkpoint interval
+    out = tmp_path / 'run'
+    argv = [*DDP, '--data', text, '--max-steps', '100000', '--checkpoint-interval', str(K), '--out-dir', str(out)]
+    with torchrun(tmp_path / 'killed.err', *argv) as (p, ranks):
+        find_ranks(p, ranks)
+        wait_until(lambda: max(logged_steps(out), default=-1) >= 7, p)
+        os.kill(ranks[rank], signal.SIGKILL)
+        took = stops_in_time(p, ranks, limit=60)
+    printed = logged_steps(out)
+    step = train.load_checkpoint(str(out / 'ckpt.pt'))['step']
+    assert step >= 6 and max(printed) + 1 - step <= K
+    # the process left standing says why in one line, no traceback (unless torchrun's SIGTERM beat its failed
+    # collective); torchrun's own report of the failure follows
+    err = (tmp_path / 'killed.err').read_text()
+    assert 'train.py", line' not in err, err[-3000:]
+    assert all(line.startswith('error: another process of this run died or hung (')
+               for line in err.splitlines() if line.startswith('error:')), err[-3000:]
+    print(f'rank {rank} killed after step {max(printed)}: torchrun exited {p.returncode} after {took:.1f} s; '
+          f'checkpoint at step {step}')
+
+    with torchrun(tmp_path / 'resumed.err', '--resume', str(out / 'ckpt.pt'), '--max-steps', str(N)) as (p, _):
+        assert p.wait(timeout=300) == 0, (tmp_path / 'resumed.err').read_text()[-3000:]
+    log = (out / 'train.log').read_text()
+    (first, lines), straight = runs(log)[-1], runs(ddp_straight.read_text())[0][1]
+    assert first == step and [int(s[0]) for s in lines] == list(range(step, N))
+    assert lines == straight[step:]
+    final = re.compile(r'target NOT reached at step 19 \| .* whole-text loss: (\S+) ')
+    assert final.search(log).group(1) == final.search(ddp_straight.read_text()).group(1)
+
+
+@pytest.mark.slow
+def test_ddp_process_stopped_fails_the_run_after_the_ddp_timeout(text, tmp_path):
+    """SIGSTOP one process: it keeps its sockets open, so no death is seen; the other waits in its
+    all-reduce for --ddp-timeout (Gloo honours it), fails, and torchrun ends the run. A stopped process
+    does not act on torchrun's SIGTERM: torchrun SIGKILLs it 30 s later (torch 2.13 tears a failed
+    group down with a fixed 30 s grace; its --shutdown-timeout only applies when torchrun itself is
+    signalled). So the run ends --ddp-timeout + ~30 s after the stop, not never."""
+    timeout = 10
+    out = tmp_path / 'run'
+    argv = [*DDP, '--data', text, '--max-steps', '100000', '--checkpoint-interval', '0', '--ddp-timeout', str(timeout),
+            '--out-dir', str(out)]
+    with torchrun(tmp_path / 'stopped.err', *argv) as (p, ranks):
+        find_ranks(p, ranks)
+        wait_until(lambda: max(logged_steps(out), default=-1) >= 3, p)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped_after = max(logged_steps(out))
+        took = stops_in_time(p, ranks, limit=60)
+    err = (tmp_path / 'stopped.err').read_text()
+    assert f'error: another process of this run died or hung (Timed out waiting {timeout * 1000}ms' in err, err[-3000:]
+    assert timeout <= took < 60 and max(logged_steps(out)) <= stopped_after + 1
+    print(f'rank 1 stopped after step {stopped_after}: torchrun exited {p.returncode} after {took:.1f} s')
+
+
+# ---- the app under load ----
+
+def vm_rss(pid):
+    """Resident memory of a process in bytes (VmRSS in /proc/<pid>/status)."""
+    line = next(s for s in open(f'/proc/{pid}/status').read().splitlines() if s.startswith('VmRSS:'))
+    return int(line.split()[1]) * 1024
+
+
+def load_requests(rng, max_new_tokens, max_prompt_chars):
+    """One request as a browser or a script might send it: (kind, its arguments, the refusal it earns or
+    None). Good ones are short, so that a full queue drains in seconds even on a busy 2-core machine."""
+    kind = rng.choice(['good'] * 5 + ['huge prompt', 'negative tokens', 'huge max tokens', 'temperature 5'])
+    n, seed = rng.randint(1, 12), rng.randint(0, 1000)
+    if kind == 'huge prompt':  # 100,000 characters; the server keeps the last max_prompt_chars
+        tail = ('To be, or not to be: that is the question. ' * 100)[:max_prompt_chars]
+        return kind, ('x' * (100_000 - len(tail)) + tail, n, 0.7, 50, seed), None
+    if kind == 'negative tokens':
+        return kind, ('ROMEO:', -5, 0.7, 50, seed), 'Value -5 is less than minimum value 1.'
+    if kind == 'huge max tokens':
+        return kind, ('ROMEO:', 10 ** 6, 0.7, 50, seed), f'Value 1000000 is greater than maximum value {max_new_tokens}.'
+    if kind == 'temperature 5':
+        return kind, ('ROMEO:', n, 5.0, 50, seed), 'Value 5.0 is greater than maximum value 1.'
+    return kind, (rng.choice(['ROMEO:', 'JULIET:\nO Romeo', '', 'First Citizen:']), n, 0.7, 50, seed), None
+
+
+@pytest.mark.slow
+def test_app_under_load_answers_or_refuses_every_request(server, monkeypatch):  # noqa: F811 -- the fixture imported above
+    """32 clients send requests for 40 s, a third of them bad (negative or 10**6 max tokens, temperature
+    5) or huge (a 100,000-character prompt), to `python app.py` (one generation at a time, a queue of
+    QUEUE_SIZE). Every request is answered, or refused at once because the queue is full, or refused
+    with the parameter's own message: none waits past REQUEST_LIMIT. The caps hold (10**6 max tokens is
+    refused or capped, the prompt is cropped), the server's memory does not grow, and afterwards a fresh request
+    is answered in seconds: no worker is stuck. LOAD_REPORT=path keeps the summary line."""
+    monkeypatch.setenv('GRADIO_ANALYTICS_ENABLED', 'False')  # 33 clients, none of them calling home
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from gradio_client.utils import QueueError
+    import app
+    CLIENTS, LOAD_SECONDS, REQUEST_LIMIT = 32, 40, 120
+    url, _ = server
+    port = url.rstrip('/').rsplit(':', 1)[1]
+    pid = next(pid for pid, env in children(os.getpid()).items() if env.get('GRADIO_SERVER_PORT') == port)
+    seed = int(os.environ.get('FAULT_SEED', time.time_ns() % 100_000))
+    rng = random.Random(seed)
+
+    # warm-up: 20 requests of all kinds, one after the other; the memory after them is the baseline
+    warm_client = Client(url, verbose=False)
+    for _ in range(20):
+        with contextlib.suppress(AppError):
+            warm_client.predict(*load_requests(rng, app.MAX_NEW_TOKENS, app.MAX_PROMPT_CHARS)[1], api_name='/generate')
+    warm = vm_rss(pid)
+
+    clients = [Client(url, verbose=False) for _ in range(CLIENTS)]
+    outcomes = []  # (kind, outcome, seconds, detail)
+    until = time.time() + LOAD_SECONDS
+
+    def send(client, rng):
+        while time.time() < until:
+            kind, args, refusal = load_requests(rng, app.MAX_NEW_TOKENS, app.MAX_PROMPT_CHARS)
+            t0 = time.time()
+            try:
+                text, status = client.submit(*args, api_name='/generate').result(timeout=REQUEST_LIMIT)
+            except QueueError as e:
+                outcomes.append((kind, 'refused-full', time.time() - t0, str(e)))
+                time.sleep(rng.uniform(0.1, 0.5))  # a polite client waits a little before it tries again
+                continue
+            except AppError as e:
+                ok = refusal is not None and str(e) == refusal
+                outcomes.append((kind, 'refused-invalid' if ok else 'wrong', time.time() - t0, str(e)))
+                continue
+            except Exception as e:  # a timeout, a dropped connection: each one a failure
+                outcomes.append((kind, 'failed', time.time() - t0, f'{type(e).__name__}: {e}'))
+                continue
+            # answered: the server's caps held (10**6 max tokens may be capped instead of refused)
+            n, note = min(args[1], app.MAX_NEW_TOKENS), {
+                'huge prompt': f'seed text cropped to its last {app.MAX_PROMPT_CHARS} characters',
+                'huge max tokens': f'max tokens capped at {app.MAX_NEW_TOKENS}'}.get(kind, '')
+            ok = (refusal is None or kind == 'huge max tokens') and text.startswith(args[0][-app.MAX_PROMPT_CHARS:]) \
+                and status.startswith(f'{n} tokens in ') and note in status
+            outcomes.append((kind, 'answered' if ok else 'wrong', time.time() - t0, f'{status} | {text[:80]!r}'))
+
+    threads = [threading.Thread(target=send, args=(c, random.Random(rng.random())), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    peak = warm
+    while any(t.is_alive() for t in threads) and time.time() < until + REQUEST_LIMIT + 10:
+        peak = max(peak, vm_rss(pid))
+        time.sleep(0.5)
+    stuck = sum(t.is_alive() for t in threads)
+    after = vm_rss(pid)
+    t0 = time.time()
+    text, status = Client(url, verbose=False).predict('ROMEO:', 5, 0.7, 50, 1, api_name='/generate')
+    fresh = time.time() - t0
+
+    count = {k: sum(o[1] == k for o in outcomes) for k in ('answered', 'refused-full', 'refused-invalid', 'wrong', 'failed')}
+    summary = (f'app under load: {len(outcomes)} requests from {CLIENTS} clients in {LOAD_SECONDS} s (seed {seed}): '
+               f'{count["answered"]} answered, {count["refused-full"]} refused (queue full), {count["refused-invalid"]} '
+               f'refused (invalid parameters), {count["wrong"] + count["failed"]} other; longest request '
+               f'{max(o[2] for o in outcomes):.1f} s; a fresh request after the load: {fresh:.1f} s; server RSS '
+               f'{warm / 2**20:.0f} MiB after warm-up, {peak / 2**20:.0f} MiB peak, {after / 2**20:.0f} MiB after')
+    print(summary)
+    if os.environ.get('LOAD_REPORT'):
+        with open(os.environ['LOAD_REPORT'], 'a') as f:
+            f.write(summary + '\n')
+    assert not stuck, f'{stuck} clients still wait {REQUEST_LIMIT} s after the load'
+    assert not count['wrong'] + count['failed'], [o for o in outcomes if o[1] in ('wrong', 'failed')][:5]
+    assert count['answered'] and count['refused-full'] and count['refused-invalid']  # the load filled the queue
+    assert {o[3] for o in outcomes if o[1] == 'refused-full'} == {'Queue is full! Please try again.'}
+    assert len({o[0] for o in outcomes if o[1] != 'refused-full'}) == 5  # each kind got past the queue and was judged
+    assert status.startswith('5 tokens in ') and fresh < 15
+    assert after < min(1.5 * warm, warm + (300 << 20)), summary

@@ -27,6 +27,7 @@ import os
 import pickle
 import platform
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -621,6 +622,14 @@ def main(argv=None):
     try:
         # from the command line the clock started at the first import; called from Python, it starts now
         return train(sys.argv[1:], T_START) if argv is None else train(argv, time.time())
+    except RuntimeError as e:
+        # another process died (its sockets closed) or hung (--ddp-timeout ran out) in a collective: NCCL raises
+        # DistError, Gloo a RuntimeError that names its own source file
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or '/gloo/' in str(e))):
+            raise
+        reason = re.sub(r'^\[[^\]]*\]\s*', '', str(e).splitlines()[0]).split('. ')[0]  # drop the source location
+        raise TrainError(f'another process of this run died or hung ({reason}); continue from the last checkpoint '
+                         f'with --resume') from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
