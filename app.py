@@ -112,7 +112,8 @@ def check_request(prompt, max_new_tokens, temperature, top_k, seed):
     top_k = int(top_k) if top_k is not None and top_k == top_k and top_k > 0 else None  # empty or <= 0: all
     if seed is not None and not (seed == seed and abs(seed) < 2 ** 63):
         raise bad(f'Seed must be a whole number, got {seed}.')
-    seed = int(seed) if seed is not None else int.from_bytes(os.urandom(4), 'little')  # empty: random
+    # empty or negative: a fresh random seed (the page's number box cannot send "empty": it sends its -1)
+    seed = int(seed) if seed is not None and seed >= 0 else int.from_bytes(os.urandom(4), 'little')
     return prompt, max_new_tokens, float(temperature), top_k, seed, notes
 
 
@@ -166,8 +167,9 @@ def build_demo(source=None):
                                             info='0: always the likeliest token; 1: sample from the model as it is')
                     top_k = gr.Number(value=50, precision=0, label='Top N tokens per step',
                                       info='Sample among the N likeliest tokens only; empty or 0: all tokens')
-                    seed = gr.Number(value=None, precision=0, label='Seed',
-                                     info='The same seed and settings give the same text; empty: random')
+                    seed = gr.Number(value=-1, precision=0, label='Seed',
+                                     info='The same seed and settings give the same text; -1: a new random seed '
+                                          'each time (the status line says which, to make the text again)')
                     button = gr.Button('Generate', variant='primary', elem_id='generate')
                 with gr.Column(scale=2):
                     output = gr.Textbox(label='Text', lines=20, elem_id='output', buttons=['copy'])

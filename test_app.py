@@ -3,6 +3,7 @@ gradio_client (streaming, bad parameters, an empty prompt) and by a real headles
 a prompt, clicks Generate and sees text appear. Set APP_SCREENSHOT=path to keep the browser's picture."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -96,9 +97,12 @@ def test_bad_parameters_get_a_clear_message(server):
         client.predict('ROMEO:', 10 ** 6, 0.7, 50, 1, api_name='/generate')
     with pytest.raises(AppError, match='greater than maximum value 1'):
         client.predict('ROMEO:', 10, 1.5, 50, 1, api_name='/generate')
-    # an empty prompt starts from <|endoftext|>; empty top N and seed: all tokens, a random seed
+    # an empty prompt starts from <|endoftext|>; empty top N and seed: all tokens, a random seed (-1 too)
     text, status = client.predict('', 10, 0.0, None, None, api_name='/generate')
     assert text and status.startswith('10 tokens in ')
+    seeds = {re.search(r'seed (\d+)', client.predict('ROMEO:', 1, 0.7, 50, -1, api_name='/generate')[1]).group(1)
+             for _ in range(3)}
+    assert len(seeds) == 3
     # a huge prompt is cropped, not fed whole to the tokenizer; negative top N means all tokens
     text, status = client.predict('To be. ' * 5000, 5, 1.0, -3, 2, api_name='/generate')
     assert 'seed text cropped to its last 4000 characters' in status and len(text) < 4500
@@ -163,7 +167,15 @@ def test_chromium_types_a_prompt_and_sees_text_appear(server, tmp_path):
         output = browser.find_element(By.CSS_SELECTOR, '#output textarea')
         wait.until(lambda b: len(output.get_attribute('value')) > len('ROMEO:') + 20)
         assert output.get_attribute('value').startswith('ROMEO:')
-        wait.until(lambda b: 'tokens in' in b.find_element(By.CSS_SELECTOR, '#status').text)
+        status = browser.find_element(By.CSS_SELECTOR, '#status')
+
+        def seed_of_finished_request(other_than=None):  # the status line of a finished request ends with its seed
+            return lambda b: (m := re.search(r'tokens in .* seed (\d+)', status.text)) and m.group(1) != other_than \
+                and m.group(1)
+        first = wait.until(seed_of_finished_request())
         browser.save_screenshot(os.environ.get('APP_SCREENSHOT') or str(tmp_path / 'app.png'))
+        # the page's default seed is a new random one each time: a second click writes another text
+        browser.find_element(By.CSS_SELECTOR, '#generate').click()
+        wait.until(seed_of_finished_request(other_than=first), message='a second click used the same seed')
     finally:
         browser.quit()
