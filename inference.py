@@ -79,7 +79,9 @@ def resolve_source(source=None):
         raise CheckpointError(f'no checkpoint found: {HOW_TO_GET_A_MODEL}')
     if os.path.exists(source):
         return source
-    if re.fullmatch(r'[\w.-]+/[\w.-]+', source) and not source.startswith(('.', '/')):
+    # user/repo is a Hub id, unless `user` is a local folder: then it is a mistyped path (logs/run-x)
+    if re.fullmatch(r'[\w.-]+/[\w.-]+', source) and not source.startswith(('.', '/')) \
+            and not os.path.isdir(source.split('/')[0]):
         return download_from_hub(source)
     raise CheckpointError(f'{source}: no such file or directory (nor a Hub repo id user/repo); {HOW_TO_GET_A_MODEL}')
 

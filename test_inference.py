@@ -80,7 +80,7 @@ def test_hugging_face_directory_matches_transformers(tmp_path):
             torch.testing.assert_close(model(idx)[0][..., :GPT2_VOCAB_SIZE], expected, atol=1e-4, rtol=1e-4)
 
 
-def test_refuses_pickled_objects_and_bad_files(tmp_path):
+def test_refuses_pickled_objects_and_bad_files(tmp_path, monkeypatch):
     model = GPT(TINY)
     torch.save({'model_args': asdict(TINY), 'model': model.state_dict(), 'hook': Exception('code')},
                tmp_path / 'evil.pt')
@@ -94,6 +94,10 @@ def test_refuses_pickled_objects_and_bad_files(tmp_path):
         load_model(str(tmp_path / 'other.pt'))
     with pytest.raises(CheckpointError, match='no such file or directory'):
         load_model(str(tmp_path / 'missing.pt'))
+    (tmp_path / 'logs').mkdir()  # a mistyped run folder is a missing path, not a Hub repo id to try online
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match='logs/run-x: no such file or directory'):
+        load_model('logs/run-x')
 
 
 def test_hub_repo_id_without_network_is_a_clear_error(monkeypatch, tmp_path):
