@@ -12,13 +12,15 @@ written once.
 
 Speed on a CPU: one new token must read every weight once, so batch-1 decoding is bound by memory
 bandwidth, not arithmetic. --precision int8 (the default on CPU) keeps each weight matrix as int8
-with one fp32 scale per output row (a quarter of the fp32 bytes) and multiplies with bf16
-activations in torch's _weight_int8pack_mm kernel; the prompt, which is arithmetic-bound, goes
-through a fp32 matmul on the dequantized weights. A preallocated KV cache (model.py) makes each new
-token cost one position, and the vocabulary projection runs on the last position only.
+with one scale per output row (a quarter of the fp32 bytes) and multiplies with bf16 activations in
+torch's _weight_int8pack_mm kernel; the prompt, which is arithmetic-bound, goes through a matmul on
+the dequantized weights, in bf16 where the CPU has bf16 instructions. A preallocated KV cache
+(model.py) makes each new token cost one position, and the vocabulary projection runs on the last
+position only.
 """
 import argparse
 import codecs
+import functools
 import glob
 import json
 import os
@@ -154,11 +156,29 @@ def export_model(model, path, dtype=torch.bfloat16):
 
 # ---- fast CPU weights ----
 
+@functools.cache
+def prompt_matmul_dtype():
+    """The faster dtype for a long prompt's matmuls on this CPU: bfloat16 runs several times faster
+    than float32 where the CPU has bf16 instructions (AVX512-BF16, AMX) and slower where it must
+    emulate them, so time one GPT-2-sized matmul in each (a few ms, once per process)."""
+    x, w = torch.randn(256, 768), torch.randn(768, 768)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd = x.to(dtype), w.to(dtype)
+        F.linear(xd, wd)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(5):
+            F.linear(xd, wd)
+        seconds[dtype] = time.perf_counter() - t0
+    return min(seconds, key=seconds.get)
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with weight-only int8 quantization: one scale per output row, w ~ w_int8 * scale."""
 
     def __init__(self, linear):
         super().__init__()
+        self.prompt_dtype = prompt_matmul_dtype()
         w = linear.weight.detach().float()
         # the kernel takes bf16 scales: round them first, then quantize against the rounded scale
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16()
@@ -173,8 +193,10 @@ class Int8Linear(nn.Module):
             # decoding: memory-bound, read 1 byte per weight. (M, in) bf16 @ int8 (out, in)^T -> (M, out)
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
         else:
-            # a long prompt: arithmetic-bound, and fp32 GEMM on the dequantized weight is faster there
-            y = F.linear(x, self.weight.float() * self.scale.float()[:, None])
+            # a long prompt: arithmetic-bound, so a GEMM on the dequantized weight (bf16 where the CPU has bf16
+            # instructions: the activations are rounded to bf16 on the decoding path above too)
+            w = self.weight.to(self.prompt_dtype) * self.scale.to(self.prompt_dtype)[:, None]
+            y = F.linear(x.to(self.prompt_dtype), w)
         y = y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 -> fp32
         return y.view(*shape[:-1], -1)
 
