@@ -51,7 +51,7 @@ def load(source=None):
     precision = 'int8' if next(model.parameters()).device.type == 'cpu' else 'float32'
     prepare_for_generation(model, precision)
     step = f', trained {info["step"]} steps' if info['step'] is not None else ''
-    about = (f'{info["path"]}{step}, {model.num_params() / 1e6:.1f}M parameters, {precision} weights, '
+    about = (f'{info["path"]}{step}, {info["params"] / 1e6:.1f}M parameters, {precision} weights, '
              f'{torch.get_num_threads()} CPU threads')
     return model, info['path'], about
 

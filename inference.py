@@ -122,7 +122,8 @@ def load_hf_dir(path):
 
 def load_model(source=None, device='cpu'):
     """(model in eval mode, info) from a path, a Hub repo id, $GPT2_SHAKESPEARE_MODEL or the newest
-    logs/**/ckpt.pt. info: 'path' (the file or directory loaded), 'step' (training step or None)."""
+    logs/**/ckpt.pt. info: 'path' (the file or directory loaded), 'step' (training step or None),
+    'params' (number of parameters)."""
     path = resolve_source(source)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, 'ckpt.pt')):
         path = os.path.join(path, 'ckpt.pt')  # a train.py run directory
@@ -144,7 +145,8 @@ def load_model(source=None, device='cpu'):
         except RuntimeError as e:
             raise CheckpointError(f'{path}: weights do not fit the model_args: {str(e).splitlines()[1].strip()}') from None
         step = ckpt.get('step')
-    return model.to(device).eval(), {'path': path, 'step': step}
+    # counted now: prepare_for_generation's int8 weights are buffers, no longer parameters
+    return model.to(device).eval(), {'path': path, 'step': step, 'params': model.num_params()}
 
 
 def export_model(model, path, dtype=torch.bfloat16):
@@ -341,7 +343,7 @@ def main(argv=None):
         print(f'wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, {args.export_dtype}) from {info["path"]}')
         return
     prepare_for_generation(model, precision)
-    print(f'# {info["path"]} (step {info["step"]}), {model.num_params() / 1e6:.1f}M parameters, {precision}, '
+    print(f'# {info["path"]} (step {info["step"]}), {info["params"] / 1e6:.1f}M parameters, {precision}, '
           f'{device}, {torch.get_num_threads()} threads', file=sys.stderr)
     t0, n = time.perf_counter(), 0
     sys.stdout.write(args.prompt)

@@ -118,6 +118,7 @@ def test_training_tab_plots_the_run(server):
     assert len(loss['data']) == 30  # every step, and the half-written last line skipped
     markdown = ' '.join(str(c['props'].get('value')) for c in config['components'] if c.get('type') == 'markdown')
     assert '30 steps, last loss 2.3000 at step 29' in markdown and 'trained 29 steps' in markdown
+    assert f'{GPT(TINY).num_params() / 1e6:.1f}M parameters, int8 weights' in markdown  # counted before int8
 
 
 def test_no_checkpoint_gives_a_message_not_a_crash(tmp_path, monkeypatch):
