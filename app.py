@@ -149,8 +149,8 @@ def build_demo(source=None):
     metrics = find_metrics(source or os.environ.get(MODEL_ENV_VAR), path)
 
     with gr.Blocks(title='GPT-2 Shakespeare', analytics_enabled=False) as demo:
-        gr.Markdown('# GPT-2 Shakespeare\nOpenAI\'s GPT-2 (124M) trained from scratch on Tiny Shakespeare. '
-                    'Type the start of a scene; the model writes on, token by token.')
+        gr.Markdown('# GPT-2 Shakespeare\nGPT-2 trained from scratch on Tiny Shakespeare (its size is on the '
+                    'Model line). Type the start of a scene; the model writes on, token by token.')
         if model is None:
             gr.Markdown(f'**No model loaded.** {about}', elem_id='no-model')
         else:
