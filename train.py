@@ -111,7 +111,8 @@ def build_parser():
                         '(one compile reused by every block: starts faster)')
     g.add_argument('--ddp-timeout', type=float, default=1800,
                    help='seconds a process waits for the others in a collective before the run fails (one '
-                        'process hung or stopped); a process that dies is noticed at once (default: 1800)')
+                        'process hung or stopped); a process that dies is noticed at once. Keep it well above the '
+                        'time the first process takes to write a checkpoint, which the others wait out (default: 1800)')
     return p
 
 
