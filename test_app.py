@@ -87,27 +87,91 @@ def test_streams_text_token_by_token_and_reproducibly(server):
     assert client.predict('ROMEO:', 20, 0.7, 50, 1, api_name='/generate')[0] == texts[-1]
 
 
+def predict(client, *args, timeout=60):
+    """client.predict with a time limit: a request that the server's caps fail to bound fails the test in
+    seconds instead of generating for ever."""
+    return client.submit(*args, api_name='/generate').result(timeout=timeout)
+
+
 def test_bad_parameters_get_a_clear_message(server):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
     client = Client(server[0], verbose=False)
     with pytest.raises(AppError, match='less than minimum value 1'):
-        client.predict('ROMEO:', -5, 0.7, 50, 1, api_name='/generate')
-    with pytest.raises(AppError, match='greater than maximum value 500'):  # the server-side cap
-        client.predict('ROMEO:', 10 ** 6, 0.7, 50, 1, api_name='/generate')
+        predict(client, 'ROMEO:', -5, 0.7, 50, 1)
+    with pytest.raises(AppError, match='greater than maximum value 500'):  # the page's own limit
+        predict(client, 'ROMEO:', 10 ** 6, 0.7, 50, 1)
     with pytest.raises(AppError, match='greater than maximum value 1'):
-        client.predict('ROMEO:', 10, 1.5, 50, 1, api_name='/generate')
+        predict(client, 'ROMEO:', 10, 1.5, 50, 1)
     # an empty prompt starts from <|endoftext|>; empty top N and seed: all tokens, a random seed (-1 too)
-    text, status = client.predict('', 10, 0.0, None, None, api_name='/generate')
+    text, status = predict(client, '', 10, 0.0, None, None)
     assert text and status.startswith('10 tokens in ')
-    seeds = {re.search(r'seed (\d+)', client.predict('ROMEO:', 1, 0.7, 50, -1, api_name='/generate')[1]).group(1)
-             for _ in range(3)}
+    seeds = {re.search(r'seed (\d+)', predict(client, 'ROMEO:', 1, 0.7, 50, -1)[1]).group(1) for _ in range(3)}
     assert len(seeds) == 3
     # a huge prompt is cropped, not fed whole to the tokenizer; negative top N means all tokens
-    text, status = client.predict('To be. ' * 5000, 5, 1.0, -3, 2, api_name='/generate')
+    text, status = predict(client, 'To be. ' * 5000, 5, 1.0, -3, 2)
     assert 'seed text cropped to its last 4000 characters' in status and len(text) < 4500
     # the server is still up after all that
-    assert client.predict('JULIET:', 3, 0.7, 50, 3, api_name='/generate')[1].startswith('3 tokens')
+    assert predict(client, 'JULIET:', 3, 0.7, 50, 3)[1].startswith('3 tokens')
+
+
+@pytest.mark.timeout(120)
+def test_the_handler_caps_what_the_page_does_not_check(tmp_path):
+    """The page's limits are checked by Gradio only for requests that go through it; the generate
+    function itself caps max tokens and the seed text, and refuses a temperature out of range, for any
+    caller."""
+    import gradio as gr
+    import app
+    model, _, about = app.load(write_run(str(tmp_path / 'run')))
+    generate_text = app.make_generate_fn(model, about)
+    *_, (text, status) = generate_text('ROMEO:', 10 ** 6, 0.7, 50, 1)
+    assert status.startswith(f'{app.MAX_NEW_TOKENS} tokens in ') and f'max tokens capped at {app.MAX_NEW_TOKENS}' in status
+    *_, (text, status) = generate_text('x' * 10 * app.MAX_PROMPT_CHARS, 2, 0.7, 50, 1)
+    assert text.startswith('x' * app.MAX_PROMPT_CHARS) and not text.startswith('x' * (app.MAX_PROMPT_CHARS + 1))
+    assert f'seed text cropped to its last {app.MAX_PROMPT_CHARS} characters' in status
+    for bad, message in ((5.0, 'Temperature must be from 0'), (float('nan'), 'Temperature must be from 0')):
+        with pytest.raises(gr.Error, match=message):
+            next(generate_text('ROMEO:', 5, bad, 50, 1))
+    with pytest.raises(gr.Error, match='Max tokens must be a number from 1'):
+        next(generate_text('ROMEO:', -1, 0.7, 50, 1))
+
+
+@pytest.mark.timeout(180)
+def test_the_queue_is_bounded(tmp_path, monkeypatch):
+    """With one generation running and QUEUE_SIZE requests waiting, the next ones are refused at once
+    ("Queue is full"), not stored: a crowd cannot pile up work or memory on a 2-core Space. Generation is
+    held at a gate until every request has been sent, so the count does not depend on timing."""
+    import threading
+    from gradio_client import Client
+    from gradio_client.utils import QueueError
+    import app
+    gate, real = threading.Event(), app.generate_ids
+
+    def held(*args, **kwargs):
+        assert gate.wait(timeout=120)
+        yield from real(*args, **kwargs)
+    monkeypatch.setattr(app, 'generate_ids', held)
+    demo = app.build_demo(write_run(str(tmp_path / 'run')))
+    try:
+        _, url, _ = demo.launch(server_name='127.0.0.1', server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        client = Client(url, verbose=False)
+        extra = 3
+        jobs = []
+        for _ in range(app.CONCURRENCY + app.QUEUE_SIZE + extra):
+            jobs.append(client.submit('ROMEO:', 2, 0.7, 50, 1, api_name='/generate'))
+            time.sleep(0.05)  # in order: the first ones take the worker and the queue's places
+        time.sleep(2)
+        gate.set()
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(job.result(timeout=60)[1].split(' in ')[0])
+            except QueueError as e:
+                outcomes.append(str(e))
+    finally:
+        demo.close()
+    assert outcomes.count('2 tokens') == app.CONCURRENCY + app.QUEUE_SIZE, outcomes
+    assert outcomes.count('Queue is full! Please try again.') == extra, outcomes
 
 
 def test_training_tab_plots_the_run(server):
