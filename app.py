@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from inference import MODEL_ENV_VAR, CheckpointError, generate_ids, load_model, prepare_for_generation, stream_text
-from model import gpt2_tokenizer
+from data import gpt2_tokenizer
 
 MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
 MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)

@@ -12,19 +12,18 @@ Prints a table and writes it under logs/.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, device_name, pick_device
 
 # dense bf16 (fp16 on T4) tensor-core peaks from the vendors' datasheets, TFLOP/s
 DATASHEET_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--device', default='auto', help='auto | cuda | cpu | mps')
+parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
 parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
 parser.add_argument('--batch-sizes', type=int, nargs='+', default=[16, 32, 64], help='micro-batch sizes')
 parser.add_argument('--compile', nargs='+', default=['model'], choices=['none', 'model', 'blocks'],
@@ -38,15 +37,15 @@ parser.add_argument('--block-size', type=int, default=1024)
 parser.add_argument('--out', default=None, help='table file (default logs/bench_<device>.md)')
 args = parser.parse_args()
 
-if args.device == 'auto':
-    args.device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+try:
+    args.device = pick_device(args.device)
+except ValueError as e:
+    sys.exit(f'error: {e}')
 device_type = args.device.split(':')[0]
-if device_type == 'cuda' and not torch.cuda.is_available():
-    sys.exit('error: --device cuda but CUDA is not available')
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ptdtype = getattr(torch, args.dtype)
-device_name = torch.cuda.get_device_name() if device_type == 'cuda' else platform.processor() or device_type
+label = device_name(args.device)
 
 
 def sync():
@@ -73,8 +72,8 @@ def matmul_tflops(n=8192, reps=10):
 config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 T = config.block_size
 measured = matmul_tflops() if device_type == 'cuda' else None
-datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if k in device_name), None)
-print(f'device: {device_name} | torch {torch.__version__} | dtype {args.dtype}')
+datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if k in label), None)
+print(f'device: {label} | torch {torch.__version__} | dtype {args.dtype}')
 if measured:
     print(f'measured {args.dtype} matmul (8192^3, random data): {measured:.0f} TFLOP/s; datasheet: {datasheet} TFLOP/s')
 
@@ -85,7 +84,7 @@ for mode in args.compile:
         model = GPT(config).to(args.device)
         flops_per_token = 6 * (model.num_params() - model.transformer.wpe.weight.numel()) \
             + 12 * config.n_layer * config.n_embd * T
-        optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device_type, verbose=False)
+        optimizer, = model.configure_optimizers(0.1, 6e-4, device_type=device_type, verbose=False)
         fwd = model
         if mode == 'model':
             fwd = torch.compile(model)
@@ -143,7 +142,7 @@ def fmt(v, spec):
 
 
 lines = [
-    f'# bench.py on {device_name}',
+    f'# bench.py on {label}',
     '',
     f'command: `python {" ".join(sys.argv)}`  ',
     f'torch {torch.__version__}, dtype {args.dtype}, T={T}, {args.steps} timed steps after {args.warmup} warm-up'

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from inference import generate_ids, prepare_for_generation
-from model import GPT2_VOCAB_SIZE, GPT, gpt2_tokenizer
+from data import GPT2_VOCAB_SIZE, gpt2_tokenizer
+from model import GPT
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--threads', type=int, default=None, help='torch CPU threads for both sides (default: torch\'s choice)')

@@ -5,7 +5,7 @@ Text from a GPT-2 checkpoint, streamed token by token.
 
 The model comes from --checkpoint, else from $GPT2_SHAKESPEARE_MODEL, else from the newest
 logs/**/ckpt.pt that train.py wrote. Any of these may be a train.py checkpoint, a model-only .pt
-(keys 'model_args' and 'model', as --export writes), a directory with Hugging Face GPT-2 weights
+(as --export writes; checkpoint.py has both formats), a directory with Hugging Face GPT-2 weights
 (config.json + model.safetensors or pytorch_model.bin), or a Hugging Face Hub model repo id
 (user/repo) holding either. app.py imports load_model() and generate() from here: generation is
 written once.
@@ -24,25 +24,22 @@ import functools
 import glob
 import json
 import os
-import pickle
 import re
 import sys
 import time
-from dataclasses import asdict, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT, GPTConfig, KVCache, gpt2_tokenizer
+import checkpoint
+from checkpoint import CheckpointError
+from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
+from model import GPT, GPTConfig, KVCache, pick_device
 
 MODEL_ENV_VAR = 'GPT2_SHAKESPEARE_MODEL'  # a path or a Hub repo id, for the CLI, the app and a Space
 HOW_TO_GET_A_MODEL = (f'train one with `python train.py` (it writes logs/<run>/ckpt.pt), or point at one '
                       f'with --checkpoint PATH or {MODEL_ENV_VAR}=PATH or {MODEL_ENV_VAR}=user/repo (Hugging Face Hub)')
-
-
-class CheckpointError(Exception):
-    """A model that cannot be found or loaded; the message is one line, meant for the user."""
 
 
 # ---- finding the weights ----
@@ -88,19 +85,6 @@ def resolve_source(source=None):
     raise CheckpointError(f'{source}: no such file or directory (nor a Hub repo id user/repo); {HOW_TO_GET_A_MODEL}')
 
 
-def load_tensors(path):
-    """torch.load with weights_only=True: a file holding anything but tensors and plain Python
-    containers (a pickled class, a function) is refused, since unpickling it could run code."""
-    try:
-        # mmap: a full training checkpoint also holds the optimizer state, which is never read here
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f'{path}: refused: it holds objects other than tensors and plain containers '
-                              f'(torch.load weights_only=True: {str(e).splitlines()[0]})') from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f'{path}: not a readable PyTorch file ({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
-
-
 def load_hf_dir(path):
     """A GPT-2 in Hugging Face's layout: config.json and model.safetensors or pytorch_model.bin."""
     with open(os.path.join(path, 'config.json')) as f:
@@ -111,7 +95,7 @@ def load_hf_dir(path):
         from safetensors.torch import load_file
         sd = load_file(os.path.join(path, 'model.safetensors'))
     elif os.path.exists(os.path.join(path, 'pytorch_model.bin')):
-        sd = load_tensors(os.path.join(path, 'pytorch_model.bin'))
+        sd = checkpoint.load(os.path.join(path, 'pytorch_model.bin'), mmap=True)
     else:
         raise CheckpointError(f'{path}: config.json but neither model.safetensors nor pytorch_model.bin')
     try:
@@ -133,27 +117,9 @@ def load_model(source=None, device='cpu'):
             raise CheckpointError(f'{path}: a directory with neither ckpt.pt nor config.json')
         model = load_hf_dir(path)
     else:
-        ckpt = load_tensors(path)
-        if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
-            raise CheckpointError(f"{path}: not a train.py checkpoint or model-only file (needs keys 'model_args' and 'model')")
-        known = {f.name for f in fields(GPTConfig)}
-        model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
-        # a compiled or DDP-wrapped model's keys carry a prefix; the contract says never, be lenient anyway
-        sd = {re.sub(r'^(_orig_mod\.|module\.)+', '', k): v for k, v in ckpt['model'].items()}
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise CheckpointError(f'{path}: weights do not fit the model_args: {str(e).splitlines()[1].strip()}') from None
-        step = ckpt.get('step')
+        model, step = checkpoint.load_model(path)
     # counted now: prepare_for_generation's int8 weights are buffers, no longer parameters
     return model.to(device).eval(), {'path': path, 'step': step, 'params': model.num_params()}
-
-
-def export_model(model, path, dtype=torch.bfloat16):
-    """A model-only file (model_args + weights) for a Space or a Hub repo: bf16 halves its size."""
-    converted = {}  # wte and lm_head share one tensor: convert and store it once
-    sd = {k: converted.setdefault(v.data_ptr(), v.detach().to('cpu', dtype)) for k, v in model.state_dict().items()}
-    torch.save({'model_args': asdict(model.config), 'model': sd}, path)
 
 
 # ---- fast CPU weights ----
@@ -204,8 +170,8 @@ class Int8Linear(nn.Module):
 
 
 def prepare_for_generation(model, precision='float32'):
-    """Make model (in place) a generation-only model: logits for the last position only, and with
-    precision 'int8' the weight-only int8 linears above. Returns model."""
+    """Make model (in place) a generation model: with precision 'int8', the weight-only int8 linears
+    above in every block and the head (float32: as it is). Returns model."""
     if precision == 'int8':
         if next(model.parameters()).device.type != 'cpu':
             raise ValueError('precision int8 is for the CPU; use float32 on other devices')
@@ -215,9 +181,6 @@ def prepare_for_generation(model, precision='float32'):
         model.lm_head = Int8Linear(model.lm_head)  # wte keeps the fp32 table for the embedding lookup
     elif precision != 'float32':
         raise ValueError(f'unknown precision {precision!r}: float32 or int8')
-    # sampling needs the next-token logits only: skip the (T, 768) x (768, 50304) matmul of a prompt's
-    # other positions. The hook crops lm_head's input (B, T, C) -> (B, 1, C).
-    model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:, :],))
     return model
 
 
@@ -265,7 +228,7 @@ def generate_ids(model, ids, max_new_tokens=100, temperature=0.7, top_k=None, to
             if cache is not None:
                 cache.pos = 0
         new = ids[start + cache.pos:] if cache is not None else ids[start:]
-        logits, _ = model(torch.tensor([new], device=device), cache=cache)  # (1, T or 1, vocab)
+        logits, _ = model(torch.tensor([new], device=device), cache=cache, last_only=True)  # (1, 1, vocab)
         token = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
         if stop_at_eot and token == EOT_TOKEN:
             return
@@ -296,6 +259,20 @@ def generate(model, prompt='', max_new_tokens=100, temperature=0.7, top_k=None, 
                                         stop_at_eot, use_cache))
 
 
+SAMPLE_PROMPTS = ['ROMEO:\n', 'KING RICHARD II:\n', 'First Citizen:\n', 'JULIET:\n', 'MENENIUS:\n']
+
+
+def play_samples(model, n, seed, max_new_tokens=100, temperature=0.7, top_k=50):
+    """n samples of the model, one per speaker of the play, as (a header naming the settings, the
+    prompt and its continuation): what train.py logs at the end of a run."""
+    model.eval()
+    with torch.compiler.set_stance('force_eager'):  # one-off generation: not worth a compile
+        for prompt in SAMPLE_PROMPTS[:n]:
+            text = ''.join(generate(model, prompt, max_new_tokens, temperature, top_k, seed=seed))
+            yield (f'prompt {prompt!r}, {max_new_tokens} tokens, temperature {temperature}, top-k {top_k}, '
+                   f'seed {seed}', prompt + text)
+
+
 # ---- command line ----
 
 def main(argv=None):
@@ -316,7 +293,7 @@ def main(argv=None):
     parser.add_argument('--no-cache', action='store_true', help='recompute the whole context for every token (slow; for checking)')
     parser.add_argument('--precision', choices=['auto', 'float32', 'int8'], default='auto',
                         help='weights for generation: int8 (weight-only, CPU) or float32; auto: int8 on CPU, float32 elsewhere')
-    parser.add_argument('--device', default='auto', help="cpu, cuda, mps or auto (default: cuda if available, else cpu)")
+    parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--export', metavar='PATH', default=None,
                         help='write the loaded model as a model-only file (model_args + weights) to PATH and exit')
@@ -331,15 +308,15 @@ def main(argv=None):
         parser.error('--top-p must be in (0, 1]')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
-
     try:
+        device = pick_device(args.device)
         model, info = load_model(args.checkpoint, device)
-    except CheckpointError as e:
+        if args.export:
+            checkpoint.save_model_only(model, args.export, getattr(torch, args.export_dtype))
+    except (ValueError, CheckpointError) as e:
         sys.exit(f'error: {e}')
+    precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
     if args.export:
-        export_model(model, args.export, getattr(torch, args.export_dtype))
         print(f'wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, {args.export_dtype}) from {info["path"]}')
         return
     prepare_for_generation(model, precision)

@@ -3,43 +3,19 @@ GPT-2 as released by OpenAI, in plain PyTorch.
 
 Parameter names follow GPT-2's own checkpoints (transformer.wte, transformer.h.0.attn.c_attn, ...),
 so Hugging Face's GPT-2 weights load onto this model one to one (their Conv1D weights transposed).
-Used by train.py, inference.py and app.py.
+Used by train.py, inference.py and app.py. The tokenizer is in data.py.
 """
-import base64
-import hashlib
+import contextlib
 import inspect
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 tokenizer; <|endoftext|> is 50256
-EOT_TOKEN = 50256
-
-# ---- tokenizer ----
-# The GPT-2 byte-pair ranks ship with the project (the same ranks tiktoken's 'gpt2' and 'r50k_base'
-# encodings download), so tokenizing never needs the network. The hash guards against a damaged file.
-TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpt2.tiktoken')
-TOKENIZER_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-_tokenizers = {}
-
-
-def gpt2_tokenizer(path=TOKENIZER_PATH):
-    """The GPT-2 tokenizer as a tiktoken Encoding, built offline from the ranks file."""
-    if path not in _tokenizers:
-        import tiktoken
-        with open(path, 'rb') as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != TOKENIZER_SHA256:
-            raise ValueError(f'{path} is not the GPT-2 ranks file (sha256 mismatch); restore it from the repository')
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-        _tokenizers[path] = tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                              special_tokens={'<|endoftext|>': EOT_TOKEN},
-                                              explicit_n_vocab=GPT2_VOCAB_SIZE)
-    return _tokenizers[path]
+from data import GPT2_VOCAB_SIZE
 
 
 @dataclass
@@ -173,10 +149,11 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss against
         targets (B, T), or None without targets. With a KVCache, idx holds only the new positions
-        and the cache advances by T."""
+        and the cache advances by T. last_only: the logits of the last position only, (B, 1, vocab):
+        all that sampling needs, and it skips the (T, C) x (C, vocab) matmul of a prompt's others."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -187,6 +164,8 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:, :]
         return self.head(x, targets)
 
     def head(self, x, targets=None):
@@ -201,31 +180,42 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def optim_groups(self, weight_decay):
-        """Every tensor of 2 or more dimensions (matmul weights, embeddings) decays; biases and
-        LayerNorm gains do not."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        return [
-            {'params': decay, 'weight_decay': weight_decay},
-            {'params': no_decay, 'weight_decay': 0.0},
-        ]
+    def optim_groups(self, weight_decay, lr, muon_lr=None):
+        """The parameter groups of each optimizer, with their peak lr and weight decay, as
+        {'adamw': [decayed, not decayed], 'muon': [hidden matrices]}. Every tensor of 2 or more
+        dimensions (matmul weights, embeddings) decays; biases and LayerNorm gains do not. With
+        muon_lr, Muon takes the 2-D weights inside the blocks (it orthogonalizes each matrix's update)
+        and AdamW keeps the embeddings and the 1-D tensors."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # wte/lm_head once
+        hidden = [p for n, p in params if muon_lr is not None and n.startswith('transformer.h.') and p.dim() == 2]
+        adamw = [p for n, p in params if all(p is not h for h in hidden)]
+        groups = {'adamw': [
+            {'params': [p for p in adamw if p.dim() >= 2], 'weight_decay': weight_decay, 'lr': lr},
+            {'params': [p for p in adamw if p.dim() < 2], 'weight_decay': 0.0, 'lr': lr},
+        ]}
+        if hidden:
+            groups['muon'] = [{'params': hidden, 'weight_decay': weight_decay, 'lr': muon_lr}]
+        return groups
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8,
+    def configure_optimizers(self, weight_decay, lr, muon_lr=None, betas=(0.9, 0.95), eps=1e-8,
                              device_type='cpu', verbose=True):
-        groups = self.optim_groups(weight_decay)
+        """[AdamW] or, with muon_lr, [AdamW, Muon] over optim_groups (Muon needs torch >= 2.9)."""
+        groups = self.optim_groups(weight_decay, lr, muon_lr)
         if verbose:
-            for name, g in zip(('decayed', 'non-decayed'), groups):
+            for name, g in zip(('decayed', 'non-decayed'), groups['adamw']):
                 n = sum(p.numel() for p in g['params'])
                 print(f'{name} parameter tensors: {len(g["params"])}, with {n:,} parameters')
         # the fused kernel does the whole update in one launch; CPU and MPS have it in recent torch
         fused_ok = 'fused' in inspect.signature(torch.optim.AdamW).parameters
         use_fused = fused_ok and device_type in ('cuda', 'cpu', 'mps')
         try:
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=use_fused)
+            adamw = torch.optim.AdamW(groups['adamw'], lr=lr, betas=betas, eps=eps, fused=use_fused)
         except RuntimeError:  # a device whose fused AdamW is missing in this torch build
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+            adamw = torch.optim.AdamW(groups['adamw'], lr=lr, betas=betas, eps=eps)
+        if 'muon' not in groups:
+            return [adamw]
+        # match_rms_adamw scales Muon's orthogonal updates to AdamW's size, so AdamW's rates fit
+        return [adamw, torch.optim.Muon(groups['muon'], lr=muon_lr, adjust_lr_fn='match_rms_adamw')]
 
     @classmethod
     def from_hf_state_dict(cls, sd_hf, config=None):
@@ -260,3 +250,43 @@ class GPT(nn.Module):
                         raise ValueError(f'{name}: shape {tuple(src.shape)}, expected {tuple(sd[k].shape)}')
                     sd[k].copy_(src)
         return model
+
+
+def pick_device(name='auto'):
+    """'auto' -> 'cuda' if there is a CUDA GPU, else 'mps' on an Apple GPU, else 'cpu'. Any other name
+    is checked: ValueError (one line) when this torch cannot use that device."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        return 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = name.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {name}, but this torch sees no CUDA GPU')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'--device {name}, but MPS is not available')
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f'--device {name}: not a device (auto, cpu, cuda, cuda:N or mps)')
+    return name
+
+
+def autocast(device, dtype='auto'):
+    """(dtype name, the autocast context for it) on a device. auto: bfloat16 on a CUDA GPU that has
+    it, float16 on an older one (a T4: train with a GradScaler), float32 (no autocast) elsewhere."""
+    kind = device.split(':')[0]
+    if dtype == 'auto' and kind == 'cuda':
+        dtype = 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
+    elif dtype == 'auto':
+        dtype = 'float32'
+    if dtype == 'float32':
+        return dtype, contextlib.nullcontext()
+    return dtype, torch.autocast(kind, dtype=getattr(torch, dtype))
+
+
+def device_name(device):
+    """What a log says the run ran on: the GPU's name, or the CPU's and its core count."""
+    kind = device.split(':')[0]
+    if kind == 'cuda':
+        return torch.cuda.get_device_name(device)
+    if kind == 'mps':
+        return 'Apple MPS'
+    return f'CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)'

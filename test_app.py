@@ -1,73 +1,21 @@
 """app.py as a user meets it: `python app.py` on localhost with a tiny random checkpoint, driven by
 gradio_client (streaming, bad parameters, an empty prompt) and by a real headless Chromium that types
-a prompt, clicks Generate and sees text appear. Set APP_SCREENSHOT=path to keep the browser's picture."""
+a prompt, clicks Generate and sees text appear; and 32 clients at once (slow). Set APP_SCREENSHOT=path to
+keep the browser's picture."""
+import contextlib
 import json
 import os
+import random
 import re
 import shutil
-import socket
-import subprocess
-import sys
+import threading
 import time
 import urllib.request
-from dataclasses import asdict
 
 import pytest
-import torch
 
-from model import GPT, GPTConfig
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def write_run(run_dir, steps=30):
-    """A train.py-like run directory: a tiny random ckpt.pt and its metrics.jsonl."""
-    os.makedirs(run_dir, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save({'model_args': asdict(TINY), 'model': GPT(TINY).state_dict(), 'step': steps - 1},
-               os.path.join(run_dir, 'ckpt.pt'))
-    with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
-        for step in range(steps):
-            f.write(json.dumps({'step': step, 'loss': 11.0 - 0.3 * step, 'dt_ms': 50.0, 'tok_per_sec': 5000.0 + step,
-                                'norm': 2.0 / (step + 1), 'lr': 6e-4 * min(1, (step + 1) / 10), 'tokens': 512 * step}) + '\n')
-        f.write('{"step": 30, "loss"')  # a run killed mid-write: skipped, not a crash
-    return os.path.join(run_dir, 'ckpt.pt')
-
-
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    """`python app.py` on 127.0.0.1 and a free port, pointed at a tiny checkpoint by the env var."""
-    tmp = tmp_path_factory.mktemp('app')
-    ckpt = write_run(str(tmp / 'run-test'))
-    port = free_port()
-    env = {**os.environ, 'GPT2_SHAKESPEARE_MODEL': ckpt, 'GRADIO_SERVER_NAME': '127.0.0.1',
-           'GRADIO_SERVER_PORT': str(port), 'GRADIO_ANALYTICS_ENABLED': 'False'}
-    log = open(tmp / 'app.log', 'w')
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'app.py')], env=env, cwd=tmp,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f'http://127.0.0.1:{port}/'
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f'app.py did not come up: {(tmp / "app.log").read_text()[-2000:]}')
-            time.sleep(0.5)
-    yield url, ckpt
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
-
+from conftest import TINY_CONFIG, children, free_port, write_run
+from model import GPT
 
 def test_streams_text_token_by_token_and_reproducibly(server):
     from gradio_client import Client
@@ -141,7 +89,6 @@ def test_the_queue_is_bounded(tmp_path, monkeypatch):
     """With one generation running and QUEUE_SIZE requests waiting, the next ones are refused at once
     ("Queue is full"), not stored: a crowd cannot pile up work or memory on a 2-core Space. Generation is
     held at a gate until every request has been sent, so the count does not depend on timing."""
-    import threading
     from gradio_client import Client
     from gradio_client.utils import QueueError
     import app
@@ -181,8 +128,8 @@ def test_training_tab_plots_the_run(server):
     loss = next(p for p in plots if p['props']['y'] == 'loss')['props']['value']
     assert len(loss['data']) == 30  # every step, and the half-written last line skipped
     markdown = ' '.join(str(c['props'].get('value')) for c in config['components'] if c.get('type') == 'markdown')
-    assert '30 steps, last loss 2.3000 at step 29' in markdown and 'trained 29 steps' in markdown
-    assert f'{GPT(TINY).num_params() / 1e6:.1f}M parameters, int8 weights' in markdown  # counted before int8
+    assert '30 steps, last loss 2.3000 at step 29' in markdown and 'trained 30 steps' in markdown
+    assert f'{GPT(TINY_CONFIG).num_params() / 1e6:.1f}M parameters, int8 weights' in markdown  # counted before int8
 
 
 def test_no_checkpoint_gives_a_message_not_a_crash(tmp_path, monkeypatch):
@@ -244,3 +191,116 @@ def test_chromium_types_a_prompt_and_sees_text_appear(server, tmp_path):
         wait.until(seed_of_finished_request(other_than=first), message='a second click used the same seed')
     finally:
         browser.quit()
+
+
+# ---- the app under load ----
+
+def vm_rss(pid):
+    """Resident memory of a process in bytes (VmRSS in /proc/<pid>/status)."""
+    line = next(s for s in open(f'/proc/{pid}/status').read().splitlines() if s.startswith('VmRSS:'))
+    return int(line.split()[1]) * 1024
+
+
+def load_requests(rng, max_new_tokens, max_prompt_chars):
+    """One request as a browser or a script might send it: (kind, its arguments, the refusal it earns or
+    None). Good ones are short, so that a full queue drains in seconds even on a busy 2-core machine."""
+    kind = rng.choice(['good'] * 5 + ['huge prompt', 'negative tokens', 'huge max tokens', 'temperature 5'])
+    n, seed = rng.randint(1, 12), rng.randint(0, 1000)
+    if kind == 'huge prompt':  # 100,000 characters; the server keeps the last max_prompt_chars
+        tail = ('To be, or not to be: that is the question. ' * 100)[:max_prompt_chars]
+        return kind, ('x' * (100_000 - len(tail)) + tail, n, 0.7, 50, seed), None
+    if kind == 'negative tokens':
+        return kind, ('ROMEO:', -5, 0.7, 50, seed), 'Value -5 is less than minimum value 1.'
+    if kind == 'huge max tokens':
+        return kind, ('ROMEO:', 10 ** 6, 0.7, 50, seed), f'Value 1000000 is greater than maximum value {max_new_tokens}.'
+    if kind == 'temperature 5':
+        return kind, ('ROMEO:', n, 5.0, 50, seed), 'Value 5.0 is greater than maximum value 1.'
+    return kind, (rng.choice(['ROMEO:', 'JULIET:\nO Romeo', '', 'First Citizen:']), n, 0.7, 50, seed), None
+
+
+@pytest.mark.slow
+def test_app_under_load_answers_or_refuses_every_request(server, monkeypatch):
+    """32 clients send requests for 40 s, a third of them bad (negative or 10**6 max tokens, temperature
+    5) or huge (a 100,000-character prompt), to `python app.py` (one generation at a time, a queue of
+    QUEUE_SIZE). Every request is answered, or refused at once because the queue is full, or refused
+    with the parameter's own message: none waits past REQUEST_LIMIT. The caps hold (10**6 max tokens is
+    refused or capped, the prompt is cropped), the server's memory does not grow, and afterwards a fresh request
+    is answered in seconds: no worker is stuck. LOAD_REPORT=path keeps the summary line."""
+    monkeypatch.setenv('GRADIO_ANALYTICS_ENABLED', 'False')  # 33 clients, none of them calling home
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from gradio_client.utils import QueueError
+    import app
+    CLIENTS, LOAD_SECONDS, REQUEST_LIMIT = 32, 40, 120
+    url, _ = server
+    port = url.rstrip('/').rsplit(':', 1)[1]
+    pid = next(pid for pid, env in children(os.getpid()).items() if env.get('GRADIO_SERVER_PORT') == port)
+    seed = int(os.environ.get('FAULT_SEED', time.time_ns() % 100_000))
+    rng = random.Random(seed)
+
+    # warm-up: 20 requests of all kinds, one after the other; the memory after them is the baseline
+    warm_client = Client(url, verbose=False)
+    for _ in range(20):
+        with contextlib.suppress(AppError):
+            warm_client.predict(*load_requests(rng, app.MAX_NEW_TOKENS, app.MAX_PROMPT_CHARS)[1], api_name='/generate')
+    warm = vm_rss(pid)
+
+    clients = [Client(url, verbose=False) for _ in range(CLIENTS)]
+    outcomes = []  # (kind, outcome, seconds, detail)
+    until = time.time() + LOAD_SECONDS
+
+    def send(client, rng):
+        while time.time() < until:
+            kind, args, refusal = load_requests(rng, app.MAX_NEW_TOKENS, app.MAX_PROMPT_CHARS)
+            t0 = time.time()
+            try:
+                text, status = client.submit(*args, api_name='/generate').result(timeout=REQUEST_LIMIT)
+            except QueueError as e:
+                outcomes.append((kind, 'refused-full', time.time() - t0, str(e)))
+                time.sleep(rng.uniform(0.1, 0.5))  # a polite client waits a little before it tries again
+                continue
+            except AppError as e:
+                ok = refusal is not None and str(e) == refusal
+                outcomes.append((kind, 'refused-invalid' if ok else 'wrong', time.time() - t0, str(e)))
+                continue
+            except Exception as e:  # a timeout, a dropped connection: each one a failure
+                outcomes.append((kind, 'failed', time.time() - t0, f'{type(e).__name__}: {e}'))
+                continue
+            # answered: the server's caps held (10**6 max tokens may be capped instead of refused)
+            n, note = min(args[1], app.MAX_NEW_TOKENS), {
+                'huge prompt': f'seed text cropped to its last {app.MAX_PROMPT_CHARS} characters',
+                'huge max tokens': f'max tokens capped at {app.MAX_NEW_TOKENS}'}.get(kind, '')
+            ok = (refusal is None or kind == 'huge max tokens') and text.startswith(args[0][-app.MAX_PROMPT_CHARS:]) \
+                and status.startswith(f'{n} tokens in ') and note in status
+            outcomes.append((kind, 'answered' if ok else 'wrong', time.time() - t0, f'{status} | {text[:80]!r}'))
+
+    threads = [threading.Thread(target=send, args=(c, random.Random(rng.random())), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    peak = warm
+    while any(t.is_alive() for t in threads) and time.time() < until + REQUEST_LIMIT + 10:
+        peak = max(peak, vm_rss(pid))
+        time.sleep(0.5)
+    stuck = sum(t.is_alive() for t in threads)
+    after = vm_rss(pid)
+    t0 = time.time()
+    text, status = Client(url, verbose=False).predict('ROMEO:', 5, 0.7, 50, 1, api_name='/generate')
+    fresh = time.time() - t0
+
+    count = {k: sum(o[1] == k for o in outcomes) for k in ('answered', 'refused-full', 'refused-invalid', 'wrong', 'failed')}
+    summary = (f'app under load: {len(outcomes)} requests from {CLIENTS} clients in {LOAD_SECONDS} s (seed {seed}): '
+               f'{count["answered"]} answered, {count["refused-full"]} refused (queue full), {count["refused-invalid"]} '
+               f'refused (invalid parameters), {count["wrong"] + count["failed"]} other; longest request '
+               f'{max(o[2] for o in outcomes):.1f} s; a fresh request after the load: {fresh:.1f} s; server RSS '
+               f'{warm / 2**20:.0f} MiB after warm-up, {peak / 2**20:.0f} MiB peak, {after / 2**20:.0f} MiB after')
+    print(summary)
+    if os.environ.get('LOAD_REPORT'):
+        with open(os.environ['LOAD_REPORT'], 'a') as f:
+            f.write(summary + '\n')
+    assert not stuck, f'{stuck} clients still wait {REQUEST_LIMIT} s after the load'
+    assert not count['wrong'] + count['failed'], [o for o in outcomes if o[1] in ('wrong', 'failed')][:5]
+    assert count['answered'] and count['refused-full'] and count['refused-invalid']  # the load filled the queue
+    assert {o[3] for o in outcomes if o[1] == 'refused-full'} == {'Queue is full! Please try again.'}
+    assert len({o[0] for o in outcomes if o[1] != 'refused-full'}) == 5  # each kind got past the queue and was judged
+    assert status.startswith('5 tokens in ') and fresh < 15
+    assert after < min(1.5 * warm, warm + (300 << 20)), summary

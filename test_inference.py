@@ -3,35 +3,20 @@ reference, streaming text, int8 weights and the command line. Tiny random models
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
 
-from inference import (CheckpointError, Int8Linear, export_model, generate, generate_ids, load_model,
-                       newest_checkpoint, prepare_for_generation, resolve_source, sample_next, stream_text)
-from model import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT, GPTConfig, gpt2_tokenizer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
-
-
-def tiny_checkpoint(path, seed=0, full=True):
-    """A tiny random GPT saved as train.py does (full=True) or as a model-only file. Returns the model."""
-    torch.manual_seed(seed)
-    model = GPT(TINY)
-    ckpt = {'model_args': asdict(TINY), 'model': model.state_dict()}
-    if full:  # the rest of the train.py contract
-        opt = model.configure_optimizers(0.1, 1e-3, verbose=False)
-        ckpt.update(optimizer=opt.state_dict(), scaler=None, step=7, tokens_seen=7 * 1024, elapsed=1.5,
-                    data_state={'position': 0}, rng={'torch': torch.get_rng_state()}, config={'batch_size': 4})
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    torch.save(ckpt, path)
-    return model.eval()
+import checkpoint
+from conftest import ROOT, TINY_CONFIG as TINY, tiny_checkpoint
+from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
+from inference import (CheckpointError, Int8Linear, generate, generate_ids, load_model, newest_checkpoint,
+                       prepare_for_generation, resolve_source, sample_next, stream_text)
+from model import GPT
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, 'inference.py'), *args], capture_output=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'inference.py'), *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
@@ -81,13 +66,13 @@ def test_hugging_face_directory_matches_transformers(tmp_path):
 
 
 def test_refuses_pickled_objects_and_bad_files(tmp_path, monkeypatch):
-    model = GPT(TINY)
-    torch.save({'model_args': asdict(TINY), 'model': model.state_dict(), 'hook': Exception('code')},
+    tiny_checkpoint(tmp_path / 'model.pt', full=False)
+    torch.save({**torch.load(tmp_path / 'model.pt', weights_only=True), 'hook': Exception('code')},
                tmp_path / 'evil.pt')
-    with pytest.raises(CheckpointError, match='refused: it holds objects other than tensors'):
+    with pytest.raises(CheckpointError, match='refused: it holds pickled objects other than tensors'):
         load_model(str(tmp_path / 'evil.pt'))
     (tmp_path / 'junk.pt').write_text('not a checkpoint')
-    with pytest.raises(CheckpointError, match='not a readable PyTorch file'):
+    with pytest.raises(CheckpointError, match='is not a readable checkpoint'):
         load_model(str(tmp_path / 'junk.pt'))
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
     with pytest.raises(CheckpointError, match="needs keys 'model_args' and 'model'"):
@@ -111,7 +96,7 @@ def test_hub_repo_id_without_network_is_a_clear_error(monkeypatch, tmp_path):
 def test_export_writes_a_small_model_only_file(tmp_path):
     ref = tiny_checkpoint(tmp_path / 'ckpt.pt')
     model, _ = load_model(str(tmp_path / 'ckpt.pt'))
-    export_model(model, tmp_path / 'model.pt')
+    checkpoint.save_model_only(model, str(tmp_path / 'model.pt'))
     sd = torch.load(tmp_path / 'model.pt', weights_only=True)
     assert set(sd) == {'model_args', 'model'} and sd['model']['lm_head.weight'].dtype == torch.bfloat16
     assert os.path.getsize(tmp_path / 'model.pt') < 0.55 * os.path.getsize(tmp_path / 'ckpt.pt')  # bf16: half

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPT2_VOCAB_SIZE, GPTConfig, KVCache
+from data import GPT2_VOCAB_SIZE
+from model import GPT, GPTConfig, KVCache
 
 SMALL = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
 
@@ -16,13 +17,13 @@ def gpt2_124m():
 
 
 def test_124m_parameter_groups(gpt2_124m, capsys):
-    decay, no_decay = gpt2_124m.optim_groups(weight_decay=0.1)
+    decay, no_decay = gpt2_124m.optim_groups(weight_decay=0.1, lr=6e-4)['adamw']
     assert (len(decay['params']), sum(p.numel() for p in decay['params'])) == (50, 124_354_560)
     assert (len(no_decay['params']), sum(p.numel() for p in no_decay['params'])) == (98, 121_344)
     assert (decay['weight_decay'], no_decay['weight_decay']) == (0.1, 0.0)
     # the tied wte / lm_head weight counts once; GPT-2 small has 124,439,808 with a 50257-row embedding
     assert gpt2_124m.num_params() == 124_475_904 == 124_439_808 + (50304 - 50257) * 768
-    opt = gpt2_124m.configure_optimizers(0.1, 6e-4, device_type='cpu')
+    opt, = gpt2_124m.configure_optimizers(0.1, 6e-4, device_type='cpu')
     assert 'decayed parameter tensors: 50, with 124,354,560 parameters' in capsys.readouterr().out
     assert opt.defaults['betas'] == (0.9, 0.95) and opt.defaults['eps'] == 1e-8
 

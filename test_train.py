@@ -17,15 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import data as data_module
 import train
+from conftest import INPUT, ROOT, TINY_ARGS, steps
 from model import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-INPUT = os.path.join(ROOT, 'input.txt')
-TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '4',
-        '--total-batch-tokens', '256', '--warmup-steps', '2', '--checkpoint-interval', '0', '--device', 'cpu',
-        '--samples', '0']
-STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: \d+\.\d\dms \| tok/sec: \d+\.\d\d \| norm: (\S+) \| lr: (\S+)')
+TINY = [*TINY_ARGS, '--total-batch-tokens', '256', '--checkpoint-interval', '0']
 
 
 @pytest.fixture(scope='module')
@@ -42,18 +40,13 @@ def run(out_dir, *argv):
     return rc, (out_dir / 'train.log').read_text()
 
 
-def steps(log):
-    """(step, loss, norm, lr) as printed, to the last digit."""
-    return [m.groups() for m in map(STEP_LINE.fullmatch, log.splitlines()) if m]
-
-
 # ---- data ----
 
 @pytest.mark.parametrize('on_device', [True, False])
 def test_windows_make_every_token_but_the_first_a_target_once(monkeypatch, on_device):
-    monkeypatch.setattr(train, 'ON_DEVICE_BYTES', 1 << 30 if on_device else 0)  # device tensors or the memmap path
+    monkeypatch.setattr(data_module, 'ON_DEVICE_BYTES', 1 << 30 if on_device else 0)  # device tensors or the memmap path
     tokens = np.arange(100, dtype=np.uint16)
-    w = train.Windows(tokens, 16, 'cpu')  # 99 targets: 6 full windows and one of 3
+    w = data_module.Windows(tokens, 16, 'cpu')  # 99 targets: 6 full windows and one of 3
     assert w.n == 7 and w.on_device == on_device
     x, y = w.get(5, 4, wrap=False)  # windows 5, 6 and two past the end, which count for nothing
     assert x[0].tolist() == list(range(80, 96)) and y[0].tolist() == list(range(81, 97))
@@ -82,14 +75,13 @@ def test_tiny_model_reaches_the_target_on_a_slice(data, tmp_path):
     assert len(steps(log)) == n_steps < 300
 
     # the checkpoint follows the contract, and its weights really give that loss over all 256 targets
-    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
-    assert {'model_args', 'model', 'optimizer', 'scaler', 'step', 'tokens_seen', 'elapsed', 'data_state',
-            'rng', 'config'} <= ckpt.keys()
-    assert ckpt['step'] == n_steps and ckpt['tokens_seen'] == 256 * n_steps and ckpt['elapsed'] > 0
-    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
-    model = GPT(GPTConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['model'])
-    tokens = torch.from_numpy(train.load_tokens(data)[:257].astype(np.int64))
+    ckpt = checkpoint.load_training(str(out / 'ckpt.pt'))
+    assert ckpt.run.step == n_steps and ckpt.run.tokens_seen == 256 * n_steps and ckpt.run.elapsed > 0
+    assert ckpt.optimizer and ckpt.rng and ckpt.config['data_tokens'] == 257
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt.model)
+    model = GPT(GPTConfig(**ckpt.model_args))
+    model.load_state_dict(ckpt.model)
+    tokens = torch.from_numpy(data_module.load_tokens(data)[:257].astype(np.int64))
     with torch.no_grad():
         _, loss = model.eval()(tokens[:-1].view(8, 32), tokens[1:].view(8, 32))
     assert loss.item() < 0.099999
@@ -144,7 +136,7 @@ def test_learning_rate_schedule_and_weight_decay_reach_the_optimizer(data, tmp_p
                  '--lr-decay-steps', '10', '--max-steps', '14', '--weight-decay', '0.37')
     printed = [float(s[3]) for s in steps(log)]
     assert printed == pytest.approx([expected_lr(i, 1e-2, 1e-3, 3, 10) for i in range(14)], rel=1e-4)
-    groups = torch.load(out / 'ckpt.pt', weights_only=True)['optimizer'][0]['param_groups']
+    groups = checkpoint.load_training(str(out / 'ckpt.pt')).optimizer[0]['param_groups']
     assert [g['lr'] for g in groups] == pytest.approx([1e-3, 1e-3])  # what the last step used
     # 2 layers x (4 matrices + 8 biases and LayerNorm tensors) + wte, wpe + ln_f
     assert [(g['weight_decay'], len(g['params'])) for g in groups] == [(0.37, 2 * 4 + 2), (0.0, 2 * 8 + 2)]
@@ -160,7 +152,7 @@ def test_gradients_are_clipped_after_unscaling(data, tmp_path, dtype):
     _, log = run(out, '--data', data, '--data-tokens', '3000', '--max-steps', '1', '--grad-clip', '0.05', '--dtype', dtype)
     norm = float(steps(log)[0][2])
     assert 0.2 < norm < 50  # the true gradient norm of a fresh tiny model, well above the clip
-    state = torch.load(out / 'ckpt.pt', weights_only=True)['optimizer'][0]['state']
+    state = checkpoint.load_training(str(out / 'ckpt.pt')).optimizer[0]['state']
     moment = math.sqrt(sum(s['exp_avg'].float().pow(2).sum().item() for s in state.values()))
     assert moment == pytest.approx(0.1 * 0.05, rel=1e-3)
 
@@ -184,13 +176,41 @@ def test_two_process_torchrun_matches_one_process(data, tmp_path):
     assert abs(whole[0] - whole[1]) < 1e-5
 
 
+GLOO_PEER_DIES = """
+import os, torch, torch.distributed as dist
+import train
+dist.init_process_group('gloo')
+t = torch.ones(1)
+dist.all_reduce(t)  # both processes are in
+if dist.get_rank() == 1:
+    os._exit(9)  # dies, as a killed process does
+try:
+    dist.all_reduce(t)
+except Exception as e:
+    print('reason:', train.collective_failure(e), '| other errors:', train.collective_failure(RuntimeError('x')), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_real_gloo_failure_is_recognised(tmp_path):
+    """Gloo reports a dead peer as a plain RuntimeError; train.collective_failure tells it apart by its
+    message. If a new torch words it otherwise, this fails (and train.py would print a traceback)."""
+    script = tmp_path / 'gloo_peer_dies.py'
+    script.write_text(GLOO_PEER_DIES)
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': ROOT})
+    line = next((line for line in r.stdout.splitlines() if line.startswith('reason:')), r.stdout + r.stderr[-2000:])
+    assert re.fullmatch(r'reason: (Read error|Connection (reset|closed)) .* \| other errors: None', line), line
+
+
 def test_bin_input_memmap_path_and_validation_split(data, tmp_path, monkeypatch):
     """A uint16 .bin trains like its text, read through the memmap when it does not go on the device."""
-    tokens = train.load_tokens(data)[:4000]
+    tokens = data_module.load_tokens(data)[:4000]
     bin_path = tmp_path / 'slice.bin'
     np.asarray(tokens).tofile(bin_path)
     _, from_text = run(tmp_path / 'text', '--data', data, '--data-tokens', '4000', '--max-steps', '3')
-    monkeypatch.setattr(train, 'ON_DEVICE_BYTES', 0)
+    monkeypatch.setattr(data_module, 'ON_DEVICE_BYTES', 0)
     _, from_bin = run(tmp_path / 'bin', '--data', str(bin_path), '--max-steps', '3')
     assert steps(from_bin) == steps(from_text)
     _, log = run(tmp_path / 'val', '--data', str(bin_path), '--max-steps', '2', '--val-fraction', '0.25',
@@ -214,7 +234,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data, tmp_path):
     log = (out / 'train.log').read_text()
     last = int(steps(log)[-1][0])
     assert f'stopped by a signal after step {last}' in log
-    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == last + 1
+    assert checkpoint.load_training(str(out / 'ckpt.pt')).run.step == last + 1
 
 
 def test_float16_with_grad_scaler_trains_and_resumes(data, tmp_path):
@@ -223,7 +243,7 @@ def test_float16_with_grad_scaler_trains_and_resumes(data, tmp_path):
     args = ['--data', data, '--data-tokens', '200', '--dtype', 'float16', '--lr', '1e-2', '--lr-decay-steps', '4']
     rc, log = run(tmp_path / 'fp16', *args, '--max-steps', '2')
     assert rc == 0 and 'dtype: float16' in log
-    scaler = torch.load(tmp_path / 'fp16' / 'ckpt.pt', weights_only=True)['scaler']
+    scaler = checkpoint.load_training(str(tmp_path / 'fp16' / 'ckpt.pt')).scaler
     assert scaler is not None and scaler['scale'] > 0  # the scaler ran and its state is kept for --resume
     assert train.main(['--resume', str(tmp_path / 'fp16' / 'ckpt.pt'), '--max-steps', '4']) == 0
     losses = [float(s[1]) for s in steps((tmp_path / 'fp16' / 'train.log').read_text())]
@@ -267,7 +287,7 @@ def test_resume_from_missing_corrupt_or_model_only_checkpoint(tmp_path):
     with pytest.raises(train.TrainError, match='is not a readable checkpoint'):
         train.main(['--resume', str(tmp_path / 'corrupt.pt')])
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
-    torch.save({'model_args': vars(model.config), 'model': model.state_dict()}, tmp_path / 'weights.pt')
+    checkpoint.save_model_only(model, str(tmp_path / 'weights.pt'))
     with pytest.raises(train.TrainError, match='model-only file cannot be resumed'):
         train.main(['--resume', str(tmp_path / 'weights.pt')])
 

@@ -1,0 +1,168 @@
+"""What the test files share: the tiny model (as train.py flags and as a GPTConfig), the step-line
+pattern of train.log, a tiny checkpoint and run folder written through checkpoint.py, train.py as a
+process, and `python app.py` on a free port."""
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import RunState
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INPUT = os.path.join(ROOT, 'input.txt')
+
+# train.py with a 2-layer, 32-wide model on 32-token windows, 4 per micro-step: a step takes tens of
+# milliseconds on a CPU. No samples at the end: 300 tokens of generation would cost more than the run.
+TINY_ARGS = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '4',
+             '--warmup-steps', '2', '--device', 'cpu', '--samples', '0']
+# a train.log step line: (step, loss, norm, lr) as printed
+STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: \d+\.\d\dms \| tok/sec: \d+\.\d\d \| norm: (\S+) \| lr: (\S+)')
+# the model inference.py and app.py tests load: random weights, 64-token context
+TINY_CONFIG = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
+
+
+def steps(log):
+    """(step, loss, norm, lr) of every step line of a train.log text, as printed."""
+    return [m.groups() for m in map(STEP_LINE.fullmatch, log.splitlines()) if m]
+
+
+def tiny_checkpoint(path, seed=0, full=True, step=7):
+    """A tiny random GPT saved through checkpoint.py: a training checkpoint after `step` steps
+    (full=True) or a model-only file. Returns the model, in eval mode."""
+    torch.manual_seed(seed)
+    model = GPT(TINY_CONFIG)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    if full:
+        optimizers = model.configure_optimizers(0.1, 1e-3, verbose=False)
+        scaler = torch.amp.GradScaler('cpu', enabled=False)
+        probe = (torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
+        run = RunState(step=step, tokens_seen=step * 1024, elapsed=1.5)
+        checkpoint.save_training(str(path), model, optimizers, scaler, run, {'batch_size': 4}, probe,
+                                 contextlib.nullcontext())
+    else:
+        checkpoint.save_model_only(model, str(path), torch.float32)
+    return model.eval()
+
+
+def write_run(run_dir, steps=30):
+    """A train.py-like run folder: a tiny random ckpt.pt after `steps` steps and its metrics.jsonl,
+    whose last line was cut by a kill. Returns the checkpoint's path."""
+    path = os.path.join(run_dir, 'ckpt.pt')
+    tiny_checkpoint(path, step=steps)
+    with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
+        for step in range(steps):
+            f.write(json.dumps({'step': step, 'loss': 11.0 - 0.3 * step, 'dt_ms': 50.0,
+                                'tok_per_sec': 5000.0 + step, 'norm': 2.0 / (step + 1),
+                                'lr': 6e-4 * min(1, (step + 1) / 10), 'tokens': 512 * step}) + '\n')
+        f.write('{"step": 30, "loss"')  # a run killed mid-write: skipped, not a crash
+    return path
+
+
+# ---- train.py as a process ----
+
+def start(*argv, preexec_fn=None):
+    """train.py as its own process (stdout is train.log's copy: dropped, so that no pipe fills up)."""
+    return subprocess.Popen([sys.executable, 'train.py', *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+
+
+def wait_until(condition, proc, timeout=120, poll=0.02):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            err = proc.stderr.read()[-2000:] if proc.stderr else '(stderr went to a file)'
+            pytest.fail(f'train.py exited with {proc.returncode} too early: {err}')
+        assert time.time() < deadline, 'timed out'
+        time.sleep(poll)
+
+
+def logged_steps(out):
+    """Step numbers printed so far in <out>/train.log."""
+    log = out / 'train.log'
+    return [int(s[0]) for s in steps(log.read_text())] if log.exists() else []
+
+
+def runs(log):
+    """train.log cut into its runs (each starts with a 'command:' header): (first step, step lines as
+    (step, loss, norm, lr) printed to the last digit). A resumed run starts at its checkpoint's step."""
+    out = []
+    for line in log.splitlines():
+        if line.startswith('command: '):
+            out.append([0, []])
+        elif m := re.match(r'resumed from .* at step (\d+) ', line):
+            out[-1][0] = int(m.group(1))
+        elif m := STEP_LINE.fullmatch(line):
+            out[-1][1].append(m.groups())
+    return out
+
+
+def one_line_error(proc_or_result, pattern):
+    """The process failed with exactly one stderr line `error: <pattern>`, no traceback."""
+    err = proc_or_result.stderr if isinstance(proc_or_result.stderr, str) else proc_or_result.stderr.read()
+    assert proc_or_result.returncode == 1, err[-3000:]
+    assert len(err.splitlines()) == 1 and re.fullmatch(f'error: {pattern}\n', err), err[-3000:]
+
+
+def children(pid):
+    """{pid: environment} of the live child processes of pid, read from /proc."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+            if int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1]) == pid:  # "pid (comm) state ppid"
+                env = open(f'/proc/{entry}/environ', 'rb').read().decode(errors='replace').split('\0')
+                found[int(entry)] = dict(kv.split('=', 1) for kv in env if '=' in kv)
+    return found
+
+
+@pytest.fixture(scope='module')
+def text(tmp_path_factory):
+    """The first ~3,000 tokens of input.txt in a private folder (its token cache lands there too)."""
+    path = tmp_path_factory.mktemp('data') / 'shakespeare.txt'
+    path.write_text(open(INPUT, encoding='utf-8').read()[:12_000], encoding='utf-8')
+    return str(path)
+
+
+# ---- the app ----
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    """`python app.py` on 127.0.0.1 and a free port, pointed at a tiny checkpoint by the env var."""
+    tmp = tmp_path_factory.mktemp('app')
+    ckpt = write_run(str(tmp / 'run-test'))
+    port = free_port()
+    env = {**os.environ, 'GPT2_SHAKESPEARE_MODEL': ckpt, 'GRADIO_SERVER_NAME': '127.0.0.1',
+           'GRADIO_SERVER_PORT': str(port), 'GRADIO_ANALYTICS_ENABLED': 'False'}
+    log = open(tmp / 'app.log', 'w')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'app.py')], env=env, cwd=tmp,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f'http://127.0.0.1:{port}/'
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f'app.py did not come up: {(tmp / "app.log").read_text()[-2000:]}')
+            time.sleep(0.5)
+    yield url, ckpt
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()

@@ -1,0 +1,190 @@
+"""
+The data side of a run: the GPT-2 tokenizer (offline), a text tokenized once and cached as uint16
+token ids, and the windows of block_size tokens that training walks through.
+
+    tokens = load_tokens('input.txt')   # 338,025 ids, a read-only memmap of input.gpt2-<key>.bin
+    windows = Windows(tokens, T=1024, device='cuda')
+    x, y = windows.get(start, count)    # (count, T) inputs and next-token targets
+
+Used by train.py (data), inference.py and app.py (the tokenizer).
+"""
+import base64
+import hashlib
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 tokenizer; <|endoftext|> is 50256
+EOT_TOKEN = 50256
+ON_DEVICE_BYTES = 1 << 30  # token arrays below this (as int64 inputs + targets) live on the training device
+
+
+class DataError(Exception):
+    """A data or tokenizer file that cannot be used; the message is one line, meant for the user."""
+
+
+# ---- tokenizer ----
+# The GPT-2 byte-pair ranks ship with the project (the same ranks tiktoken's 'gpt2' and 'r50k_base'
+# encodings download), so tokenizing never needs the network. The hash guards against a damaged file.
+TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpt2.tiktoken')
+TOKENIZER_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_tokenizers = {}
+
+
+def gpt2_tokenizer(path=TOKENIZER_PATH):
+    """The GPT-2 tokenizer as a tiktoken Encoding, built offline from the ranks file."""
+    if path not in _tokenizers:
+        import tiktoken
+        with open(path, 'rb') as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != TOKENIZER_SHA256:
+            raise ValueError(f'{path} is not the GPT-2 ranks file (sha256 mismatch); '
+                             f'restore it from the repository')
+        lines = (line.split() for line in data.splitlines() if line)
+        ranks = {base64.b64decode(token): int(rank) for token, rank in lines}
+        _tokenizers[path] = tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                              special_tokens={'<|endoftext|>': EOT_TOKEN},
+                                              explicit_n_vocab=GPT2_VOCAB_SIZE)
+    return _tokenizers[path]
+
+
+# ---- tokenizing a text file ----
+
+def _safe_cut(text):
+    """Index just after the last newline that has a non-space character on both sides. GPT-2's
+    pre-tokenizer never joins anything across such a newline, so pieces cut there tokenize exactly
+    like the whole text. Without one, the whole text (a very rare, slightly inexact cut)."""
+    i = text.rfind('\n', 0, len(text) - 1)
+    while i > 0 and (text[i - 1].isspace() or text[i + 1].isspace()):
+        i = text.rfind('\n', 0, i)
+    return i + 1 if i > 0 else len(text)
+
+
+def tokenize_file(path, out_path, piece_chars=1 << 20):
+    """Tokenize a UTF-8 text into a uint16 file, streamed in pieces of about piece_chars characters
+    (bounded memory for any size). A BOM is dropped and Windows line ends read as '\\n'."""
+    try:
+        enc = gpt2_tokenizer()
+    except (OSError, ValueError) as e:  # the ranks file is missing or fails its sha256 check
+        raise DataError(f'cannot load the GPT-2 tokenizer: {e}') from None
+    tmp = f'{out_path}.{os.getpid()}.tmp'
+    try:
+        with open(path, encoding='utf-8-sig') as f, open(tmp, 'wb') as out:
+            rest, pieces = '', []
+            while True:
+                chunk = f.read(piece_chars)
+                text = rest + chunk
+                cut = _safe_cut(text) if chunk else len(text)
+                if cut:
+                    pieces.append(text[:cut])
+                rest = text[cut:]
+                if len(pieces) == 16 or not chunk:  # encode 16 pieces at a time on tiktoken's threads
+                    for ids in enc.encode_ordinary_batch(pieces):
+                        np.asarray(ids, dtype=np.uint16).tofile(out)
+                    pieces = []
+                if not chunk:
+                    break
+        os.replace(tmp, out_path)  # atomic: a second run never sees half a cache
+    except UnicodeDecodeError as e:
+        raise DataError(f'data file {path} is not UTF-8 text '
+                        f'(byte 0x{e.object[e.start]:02x} cannot be decoded)') from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_tokens(path, piece_chars=1 << 20):
+    """GPT-2 token ids of a text file (cached beside it as <name>.gpt2-<key>.bin, keyed by size and
+    mtime, so a second run starts at once) or of a uint16 .bin file, as a read-only memmap."""
+    if os.path.isdir(path):
+        raise DataError(f'data file {path} is a directory; give a text file or a .bin of token ids')
+    if not os.path.isfile(path):
+        raise DataError(f'data file {path} not found')
+    if not os.access(path, os.R_OK):
+        raise DataError(f'data file {path} cannot be read (permission denied)')
+    bin_path = path
+    if not path.endswith('.bin'):
+        st = os.stat(path)
+        key = hashlib.sha1(f'{st.st_size}-{st.st_mtime_ns}'.encode()).hexdigest()[:10]
+        bin_path = f'{os.path.splitext(path)[0]}.gpt2-{key}.bin'
+        if not os.path.exists(bin_path):
+            try:
+                tokenize_file(path, bin_path, piece_chars)
+            except OSError:  # a read-only folder: cache in the temp folder instead
+                bin_path = os.path.join(tempfile.gettempdir(), f'{os.path.basename(path)}.{key}.gpt2.bin')
+                tokenize_file(path, bin_path, piece_chars)
+    size = os.path.getsize(bin_path)
+    if size == 0:
+        raise DataError(f'data file {path} is empty')
+    if size % 2:
+        raise DataError(f'{path} is not a file of uint16 token ids (odd size)')
+    tokens = np.memmap(bin_path, dtype=np.uint16, mode='r')
+    if bin_path == path and tokens.max() >= GPT2_VOCAB_SIZE:
+        raise DataError(f'{path} holds ids >= {GPT2_VOCAB_SIZE}: not GPT-2 tokens')
+    return tokens
+
+
+# ---- windows ----
+
+def load_splits(path, block_size, device, max_tokens=0, val_fraction=0.0):
+    """(training Windows, validation Windows or None, a line for the log) of a data file: its first
+    max_tokens tokens (0: all), the last val_fraction of them held out for validation."""
+    tokens = load_tokens(path)
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    n_val = int(len(tokens) * val_fraction)
+    splits = {'text': tokens[:len(tokens) - n_val], 'validation split': tokens[len(tokens) - n_val:]}
+    for split, t in splits.items():
+        if (split == 'text' or n_val) and len(t) < block_size + 1:
+            raise DataError(f'the {split} of {path} has {len(t)} tokens, fewer than one sequence (block '
+                            f'size {block_size} + 1); use a longer text or a smaller --block-size')
+    train = Windows(splits['text'], block_size, device)
+    line = f'{path}: {len(splits["text"]):,} training tokens in {train.n} windows'
+    if not n_val:
+        return train, None, line
+    val = Windows(splits['validation split'], block_size, device)
+    return train, val, line + f', {n_val:,} validation tokens'
+
+
+class Windows:
+    """Tokens cut into n windows: window i has inputs tokens[i*T : i*T+T] and targets one further on.
+    The last window is padded (input 0, target -1, which the loss ignores), so every token but the
+    first is a target exactly once. Small arrays sit on the device as two (n, T) tensors and a batch
+    is one indexing op there, with no copy from the host; large ones are read from the memmap."""
+
+    def __init__(self, tokens, T, device):
+        self.T, self.device = T, device
+        self.n = math.ceil((len(tokens) - 1) / T)
+        self.tokens = tokens
+        self.on_device = 16 * self.n * T < ON_DEVICE_BYTES
+        if self.on_device:
+            t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+            pad = self.n * T + 1 - len(t)
+            self.x = F.pad(t[:-1], (0, pad), value=0).view(self.n, T).to(device)
+            self.y = F.pad(t[1:], (0, pad), value=-1).view(self.n, T).to(device)
+
+    def get(self, start, count, wrap=True):
+        """Windows start .. start+count-1 as x, y (count, T) on the device. Past the last window they
+        wrap around to the first (training), or have all targets -1 (evaluation: counted once)."""
+        if self.on_device:
+            idx = torch.arange(start, start + count, device=self.device)
+            x, y = self.x[idx % self.n], self.y[idx % self.n]
+            if not wrap:
+                y = y.masked_fill((idx >= self.n)[:, None], -1)
+            return x, y
+        x = np.zeros((count, self.T), np.int64)
+        y = np.full((count, self.T), -1, np.int64)
+        for row, i in enumerate(range(start, start + count)):
+            if i >= self.n and not wrap:
+                break
+            seg = self.tokens[(i % self.n) * self.T:(i % self.n + 1) * self.T + 1]
+            x[row, :len(seg) - 1], y[row, :len(seg) - 1] = seg[:-1], seg[1:]
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.device.startswith('cuda'):  # pinned memory lets the copy overlap the running step
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
