@@ -14,12 +14,14 @@ tokens and MAX_PROMPT_CHARS of seed text per request, a queue of QUEUE_SIZE wait
 CONCURRENCY generations at a time, so that a 2-vCPU Space stays up under load.
 """
 import argparse
+import html
 import json
 import math
 import os
 import time
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import torch
 
@@ -30,6 +32,7 @@ MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 core
 MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)
 CONCURRENCY = 1          # generations at a time: one already keeps both cores of a free Space busy
 QUEUE_SIZE = 20          # requests waiting; the next one is told the queue is full, at once
+TARGET_LOSS = 0.099999   # what train.py trains for: the loss plot draws it
 EXAMPLES = [  # openings from the play (input.txt): seed text, max tokens, temperature, top N, seed
     ['ROMEO:', 100, 0.7, 50, 1],
     ['JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?', 100, 0.7, 50, 2],
@@ -85,36 +88,85 @@ def read_metrics(path, max_points=2000):
                 continue
             if isinstance(row, dict) and 'step' in row:
                 rows.append(row)
-    df = pd.DataFrame(rows, columns=['step'] + [y for y, _ in PLOTS]).apply(pd.to_numeric, errors='coerce')
+    columns = ['step', 'whole_loss'] + [y for y, _ in PLOTS]
+    df = pd.DataFrame(rows, columns=columns).apply(pd.to_numeric, errors='coerce')
     if len(df) > max_points:
         df = df.iloc[::math.ceil(len(df) / max_points)]
     return df
 
+def final_loss(df):
+    """', whole-text loss 0.0948 after step 235' from the metrics' last whole-text evaluation, or
+    the last batch's loss when the run never made one."""
+    whole = df.dropna(subset=['whole_loss'])
+    if len(whole):
+        return f', whole-text loss {whole.whole_loss.iloc[-1]:.4f} after step {int(whole.step.iloc[-1])}'
+    if len(df):
+        return f', last batch loss {df.loss.iloc[-1]:.4f} at step {int(df.step.iloc[-1])}'
+    return ''
+
+
+def loss_curves(df):
+    """The loss plot's data, long-form: log10 of the batch loss at every step, of the whole-text
+    loss where it was measured, and the target."""
+    parts = [pd.DataFrame({'step': df.step, 'log10 loss': np.log10(df[column].clip(lower=1e-6)), 'curve': name})
+             for column, name in (('loss', 'batch loss'), ('whole_loss', 'whole-text loss'))]
+    if len(df):
+        parts.append(pd.DataFrame({'step': [df.step.min(), df.step.max()],
+                                   'log10 loss': [np.log10(TARGET_LOSS)] * 2, 'curve': 'target'}))
+    return pd.concat(parts).dropna()
+
+
 # ---- one request ----
+
+def refuse(message):
+    """A message for the page and the API client; the server logs one line, not a traceback."""
+    print(f'refused: {message}', flush=True)
+    return gr.Error(message, print_exception=False)
+
+
+def whole_number(value, name, low, high=None):
+    """value as an int from low to high (None: no upper bound), or the error naming the parameter."""
+    try:
+        number = float(value)
+        whole = number == int(number)  # int() raises on NaN and infinity
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or number < low or (high is not None and number > high):
+        limits = f'from {low} to {high}' if high is not None else f'of at least {low}'
+        raise refuse(f'{name} must be a whole number {limits}, got {value!r}.')
+    return int(number)
+
 
 def check_request(prompt, max_new_tokens, temperature, top_k, seed):
     """The request's parameters made safe, or gr.Error saying what is wrong. Returns (prompt,
     max_new_tokens, temperature, top_k, seed, notes on what was capped)."""
-    def bad(message):
-        return gr.Error(message, print_exception=False)  # a message for the page, not a server traceback
     notes = []
     prompt = prompt or ''  # empty: inference.py starts from <|endoftext|>
+    if not isinstance(prompt, str):
+        raise refuse(f'Prompt must be text, got {prompt!r}.')
     if len(prompt) > MAX_PROMPT_CHARS:
         prompt = prompt[-MAX_PROMPT_CHARS:]
-        notes.append(f'seed text cropped to its last {MAX_PROMPT_CHARS} characters')
-    if max_new_tokens is None or not max_new_tokens >= 1:  # `not >=` also catches NaN
-        raise bad(f'Max tokens must be a number from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens}.')
+        notes.append(f'prompt cropped to its last {MAX_PROMPT_CHARS} characters')
+    max_new_tokens = whole_number(max_new_tokens, 'Max tokens', 1)
     if max_new_tokens > MAX_NEW_TOKENS:
         notes.append(f'max tokens capped at {MAX_NEW_TOKENS}')
-    max_new_tokens = int(min(max_new_tokens, MAX_NEW_TOKENS))
-    if temperature is None or not 0 <= temperature <= 1:
-        raise bad(f'Temperature must be from 0 (always the likeliest token) to 1, got {temperature}.')
-    top_k = int(top_k) if top_k is not None and top_k == top_k and top_k > 0 else None  # empty or <= 0: all
-    if seed is not None and not (seed == seed and abs(seed) < 2 ** 63):
-        raise bad(f'Seed must be a whole number, got {seed}.')
-    # empty or negative: a fresh random seed (the page's number box cannot send "empty": it sends its -1)
-    seed = int(seed) if seed is not None and seed >= 0 else int.from_bytes(os.urandom(4), 'little')
-    return prompt, max_new_tokens, float(temperature), top_k, seed, notes
+        max_new_tokens = MAX_NEW_TOKENS
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        value = float('nan')
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise refuse(f'Temperature must be from 0 (always the likeliest token) to 1, got {temperature!r}.')
+    temperature = value
+    top_k = whole_number(0 if top_k is None else top_k, 'Top N', 0) or None  # empty or 0: all tokens
+    seed = whole_number(-1 if seed is None else seed, 'Random seed', -1, 2 ** 63 - 1)
+    if seed == -1:  # a fresh random seed each time; the status line says which
+        seed = int.from_bytes(os.urandom(4), 'little')
+    return prompt, max_new_tokens, temperature, top_k, seed, notes
+
+
+def tokens(n):
+    return f'{n} token' if n == 1 else f'{n} tokens'
 
 
 def make_generate_fn(model, about):
@@ -122,7 +174,7 @@ def make_generate_fn(model, about):
         """Yields (seed text + new text so far, status line) as tokens come: a generator, so the page
         shows every piece at once."""
         if model is None:
-            raise gr.Error(about, print_exception=False)
+            raise refuse(about)
         prompt, max_new_tokens, temperature, top_k, seed, notes = check_request(
             prompt, max_new_tokens, temperature, top_k, seed)
         n = 0  # tokens made so far, for the status line
@@ -137,46 +189,53 @@ def make_generate_fn(model, about):
         text, t0 = prompt, time.perf_counter()
         for piece in stream_text(counted(generate_ids(model, ids, max_new_tokens, temperature, top_k, seed=seed))):
             text += piece
-            yield text, f'{n} tokens...'
+            yield text, f'{tokens(n)}...'
         dt = time.perf_counter() - t0
-        yield text, '; '.join([f'{n} tokens in {dt:.1f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {seed}'] + notes)
+        yield text, '; '.join([f'{tokens(n)} in {dt:.1f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {seed}'] + notes)
     return generate_text
 
 # ---- the page ----
 
-def build_demo(source=None):
+def build_demo(source=None, announce=False):
     model, path, about = load(source)
     metrics = find_metrics(source or os.environ.get(MODEL_ENV_VAR), path)
+    if announce:  # the server's log says what it serves
+        print(f'model: {about if model is not None else "none: " + about}', flush=True)
+        print(f'training metrics: {metrics or "none"}', flush=True)
 
     with gr.Blocks(title='GPT-2 Shakespeare', analytics_enabled=False) as demo:
         gr.Markdown('# GPT-2 Shakespeare\nGPT-2 trained from scratch on Tiny Shakespeare (its size is on the '
                     'Model line). Type the start of a scene; the model writes on, token by token.')
-        if model is None:
-            gr.Markdown(f'**No model loaded.** {about}', elem_id='no-model')
+        if model is None:  # escaped: the message's logs/<run>/ckpt.pt is no HTML tag
+            gr.Markdown(f'**No model loaded.** {html.escape(about, quote=False)}', elem_id='no-model')
         else:
             gr.Markdown(f'Model: `{about}`', elem_id='model-info')
 
         with gr.Tab('Generate'):
             with gr.Row():
                 with gr.Column(scale=1):
-                    prompt = gr.Textbox(label='Seed text', lines=4, max_length=MAX_PROMPT_CHARS, elem_id='prompt',
+                    prompt = gr.Textbox(label='Prompt', lines=4, max_length=MAX_PROMPT_CHARS, elem_id='prompt',
                                         placeholder='ROMEO:',
                                         info='Empty: the model starts a fresh document from <|endoftext|>.')
-                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=100, step=1, label='Max tokens to generate')
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=100, step=1, precision=0,
+                                               label='Max tokens to generate')
                     temperature = gr.Slider(0, 1, value=0.7, step=0.05, label='Temperature',
                                             info='0: always the likeliest token; 1: sample from the model as it is')
                     top_k = gr.Number(value=50, precision=0, label='Top N tokens per step',
                                       info='Sample among the N likeliest tokens only; empty or 0: all tokens')
-                    seed = gr.Number(value=-1, precision=0, label='Seed',
+                    seed = gr.Number(value=-1, precision=0, label='Random seed',
                                      info='The same seed and settings give the same text; -1: a new random seed '
                                           'each time (the status line says which, to make the text again)')
                     button = gr.Button('Generate', variant='primary', elem_id='generate')
                 with gr.Column(scale=2):
                     output = gr.Textbox(label='Text', lines=20, elem_id='output', buttons=['copy'])
-                    status = gr.Markdown(elem_id='status')
+                    status = gr.Markdown(label='Status', elem_id='status')
             inputs = [prompt, max_new_tokens, temperature, top_k, seed]
             gr.Examples(EXAMPLES, inputs=inputs, label='Openings from the play')
-            button.click(make_generate_fn(model, about), inputs, [output, status], api_name='generate')
+            # preprocess=False: every value reaches check_request as sent, which answers any bad one
+            # (text for a number, 1.5 for a seed) with its own message instead of a server traceback
+            button.click(make_generate_fn(model, about), inputs, [output, status], api_name='generate',
+                         preprocess=False)
 
         with gr.Tab('Training run'):
             if metrics is None:
@@ -184,13 +243,12 @@ def build_demo(source=None):
                             'upload it to the Hub repo beside the model to see the run here.')
             else:
                 df = read_metrics(metrics)
-                last = df.iloc[-1] if len(df) else None
-                gr.Markdown(f'`{metrics}`: {len(df)} steps' +
-                            (f', last loss {last.loss:.4f} at step {int(last.step)}' if last is not None else ''))
-                for row in (PLOTS[:2], PLOTS[2:]):
-                    with gr.Row():
-                        for y, title in row:
-                            gr.LinePlot(df, x='step', y=y, title=title, height=260)
+                gr.Markdown(f'`{metrics}`: {len(df)} steps{final_loss(df)}')
+                gr.LinePlot(loss_curves(df), x='step', y='log10 loss', color='curve', height=300,
+                            title=f'Loss (log scale; the target is {TARGET_LOSS})')
+                with gr.Row():
+                    for y, title in PLOTS[1:]:
+                        gr.LinePlot(df, x='step', y=y, title=title, height=260)
 
     # a bounded queue: waiting requests beyond QUEUE_SIZE are refused at once instead of piling up
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
@@ -206,4 +264,4 @@ if __name__ == '__main__':
                         help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; a Space sets 0.0.0.0)")
     parser.add_argument('--port', type=int, default=None, help='port (default: $GRADIO_SERVER_PORT, else 7860)')
     args = parser.parse_args()
-    build_demo(args.checkpoint).launch(server_name=args.host, server_port=args.port)
+    build_demo(args.checkpoint, announce=True).launch(server_name=args.host, server_port=args.port)

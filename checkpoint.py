@@ -1,24 +1,32 @@
 """
-The checkpoint format, in one place. Two kinds of file, both read with torch.load(weights_only=True),
-which refuses anything but tensors and plain containers (a pickled class or function could run code):
+A run's folder in one place: the checkpoint format, and the log beside it. Two kinds of checkpoint,
+both read with torch.load(weights_only=True), which refuses anything but tensors and plain
+containers (a pickled class or function could run code):
 
 - a training checkpoint (train.py's ckpt.pt): the fields of TrainingCheckpoint below, everything a
   run needs to continue exactly where it stopped;
 - a model-only file (the export, or what a Hub repo holds as model.pt): model_args and model only.
 
-The weights' keys never carry torch.compile's '_orig_mod.' or DDP's 'module.' prefix.
+The weights' keys never carry torch.compile's '_orig_mod.' or DDP's 'module.' prefix. Beside the
+checkpoint, train.log holds every line a run printed and metrics.jsonl one JSON row per step
+(RunLog below); app.py plots those rows.
 """
 import contextlib
+import json
+import math
 import os
 import pickle
+import platform
 import random
 import re
+import shlex
+import subprocess
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, device_name
 
 
 class CheckpointError(Exception):
@@ -84,6 +92,10 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except KeyboardInterrupt:  # a second Ctrl-C in the middle of the write: the old file stays
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     except (OSError, RuntimeError) as e:
         os_error = e if isinstance(e, OSError) else e.__context__  # torch.save wraps the OSError
         if isinstance(os_error, OSError) and os_error.strerror:
@@ -99,11 +111,12 @@ def save_atomic(obj, path):
         raise CheckpointError(f'cannot write the checkpoint {path} ({reason}); {kept}') from None
 
 
-def save_training(path, model, optimizers, scaler, run, config, probe, ctx):
+def save_training(path, model, optimizers, scaler, run, config, probe, ctx, rng=None):
     """Write the TrainingCheckpoint of a run atomically: the model (not a compiled or DDP wrapper),
     its optimizers and GradScaler, the RunState, every random generator and the run's arguments.
     Unless the weights diverged: the last update may have made them give a non-finite loss on the
-    batch `probe` (x, y), run under the autocast `ctx`, and such weights are never saved."""
+    batch `probe` (x, y), run under the autocast `ctx`, and such weights are never saved. rng: the
+    random state to save (default: now's)."""
     model.eval()
     with torch.no_grad(), ctx, torch.compiler.set_stance('force_eager'):
         _, loss = model(*probe)
@@ -115,7 +128,7 @@ def save_training(path, model, optimizers, scaler, run, config, probe, ctx):
         model_args=asdict(model.config), model=model.state_dict(),
         optimizer=[opt.state_dict() for opt in optimizers],
         scaler=scaler.state_dict() if scaler.is_enabled() else None,
-        run=run, rng=rng_state(), config=dict(config))
+        run=run, rng=rng or rng_state(), config=dict(config))
     obj = {f.name: getattr(ckpt, f.name) for f in fields(ckpt)}  # not asdict: it would copy every tensor
     obj['run'] = asdict(run)
     save_atomic(obj, path)
@@ -214,3 +227,70 @@ def load_model(path):
         raise CheckpointError(f'{path}: weights do not fit the model_args: {e}') from None
     run = obj.get('run')
     return model, run['step'] if isinstance(run, dict) else None
+
+
+# ---- the run's log: train.log and metrics.jsonl ----
+
+class RunLog:
+    """<out-dir>/train.log (every line, appended across resumes) and metrics.jsonl (one row per
+    step), written by the first process; the others' calls do nothing."""
+
+    def __init__(self, out_dir, start_step, active):
+        self.active = active
+        if not active:
+            return
+        try:  # an out-dir we cannot write to fails now, not at the first checkpoint hours later
+            os.makedirs(out_dir, exist_ok=True)
+            self.file = open(os.path.join(out_dir, 'train.log'), 'a', buffering=1)
+            # a run killed after its last checkpoint logged steps that this one does again: keep the
+            # rows before start_step (train.log keeps every line, after 'resumed from ... step N')
+            path = os.path.join(out_dir, 'metrics.jsonl')
+            rows = open(path).read().splitlines() if os.path.exists(path) else []
+            with open(path + '.tmp', 'w') as f:
+                f.writelines(row + '\n' for row in rows if metrics_step(row) < start_step)
+            os.replace(path + '.tmp', path)
+            self.metrics = open(path, 'a', buffering=1)
+        except OSError as e:
+            raise CheckpointError(f'cannot write to the out-dir {out_dir} ({e.strerror})') from None
+
+    def __call__(self, msg):
+        if self.active:
+            print(msg, flush=True)
+            self.file.write(msg + '\n')
+
+    def row(self, row):
+        if self.active:
+            self.metrics.write(json.dumps(row) + '\n')
+
+    def header(self, argv, config, model, commit, rt, data_line):
+        """What a number in the log can be traced back to: the command, commit, device, versions,
+        every setting, the parameter counts and the data."""
+        import tiktoken
+        groups = model.optim_groups(config['weight_decay'], 0)['adamw']
+        decayed, not_decayed = (g['params'] for g in groups)
+        self(f'command: {shlex.join(["python", "train.py", *argv])}')
+        self(f'git commit: {commit}')
+        self(f'device: {device_name(rt.device)} x {rt.world} process(es) | dtype: {rt.dtype} | '
+             f'compile: {config["compile_mode"] if rt.compile else "off"}')
+        self(f'versions: python {platform.python_version()} | torch {torch.__version__} | '
+             f'tiktoken {tiktoken.__version__}')
+        self(f'config: {json.dumps(config)}')
+        self(f'model: {model.num_params():,} parameters | decayed: {len(decayed)} tensors, '
+             f'{sum(p.numel() for p in decayed):,} | not decayed: {len(not_decayed)} tensors, '
+             f'{sum(p.numel() for p in not_decayed):,}')
+        self(f'data: {data_line}')
+
+
+def metrics_step(line):
+    """The step of a metrics.jsonl line; infinity for a line cut by a kill."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return json.loads(line)['step']
+    return math.inf
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    with contextlib.suppress(OSError):
+        return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True,
+                              text=True, timeout=10, cwd=here).stdout.strip() or 'unknown'
+    return 'unknown'

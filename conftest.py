@@ -55,15 +55,18 @@ def tiny_checkpoint(path, seed=0, full=True, step=7):
 
 
 def write_run(run_dir, steps=30):
-    """A train.py-like run folder: a tiny random ckpt.pt after `steps` steps and its metrics.jsonl,
-    whose last line was cut by a kill. Returns the checkpoint's path."""
+    """A train.py-like run folder: a tiny random ckpt.pt after `steps` steps and its metrics.jsonl
+    (whole-text losses at steps 19 and 29), whose last line was cut by a kill. Returns the
+    checkpoint's path."""
     path = os.path.join(run_dir, 'ckpt.pt')
     tiny_checkpoint(path, step=steps)
     with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
         for step in range(steps):
-            f.write(json.dumps({'step': step, 'loss': 11.0 - 0.3 * step, 'dt_ms': 50.0,
-                                'tok_per_sec': 5000.0 + step, 'norm': 2.0 / (step + 1),
-                                'lr': 6e-4 * min(1, (step + 1) / 10), 'tokens': 512 * step}) + '\n')
+            row = {'step': step, 'loss': 11.0 - 0.3 * step, 'dt_ms': 50.0, 'tok_per_sec': 5000.0 + step,
+                   'norm': 2.0 / (step + 1), 'lr': 6e-4 * min(1, (step + 1) / 10), 'tokens': 512 * step}
+            if step in (19, 29):  # whole-text evaluations
+                row['whole_loss'] = 11.0 - 0.3 * step - 0.05
+            f.write(json.dumps(row) + '\n')
         f.write('{"step": 30, "loss"')  # a run killed mid-write: skipped, not a crash
     return path
 
@@ -142,7 +145,8 @@ def free_port():
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
-    """`python app.py` on 127.0.0.1 and a free port, pointed at a tiny checkpoint by the env var."""
+    """`python app.py` on 127.0.0.1 and a free port, pointed at a tiny checkpoint by the env var:
+    (its URL, the checkpoint, the file its output goes to)."""
     tmp = tmp_path_factory.mktemp('app')
     ckpt = write_run(str(tmp / 'run-test'))
     port = free_port()
@@ -162,7 +166,7 @@ def server(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f'app.py did not come up: {(tmp / "app.log").read_text()[-2000:]}')
             time.sleep(0.5)
-    yield url, ckpt
+    yield url, ckpt, tmp / 'app.log'
     proc.terminate()
     proc.wait(timeout=30)
     log.close()

@@ -9,6 +9,7 @@ import contextlib
 import inspect
 import os
 import platform
+import time
 from dataclasses import dataclass
 
 import torch
@@ -290,3 +291,68 @@ def device_name(device):
     if kind == 'mps':
         return 'Apple MPS'
     return f'CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)'
+
+
+# ---- what a run costs on this machine ----
+
+def peak_memory(reset=False):
+    """This process's peak resident memory in bytes (None where it cannot be read). reset: start a
+    new peak from now (Linux; elsewhere the peak since the process started)."""
+    if os.path.exists('/proc/self/clear_refs'):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            if reset:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')  # resets VmHWM, the peak resident set
+            with open('/proc/self/status') as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == 'Darwin' else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+def free_memory():
+    """Bytes of memory this process may still take: Linux's MemAvailable (within a container's
+    cgroup limit and the process's data limit), else half the physical memory; None if unknown."""
+    free = None
+    with contextlib.suppress(OSError, ValueError):
+        with open('/proc/meminfo') as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    with contextlib.suppress(OSError, ValueError):
+        with open('/sys/fs/cgroup/memory.max') as f:
+            limit = f.read().strip()
+        with open('/sys/fs/cgroup/memory.current') as f:
+            used = int(f.read())
+        if limit != 'max' and (free is None or int(limit) - used < free):
+            free = int(limit) - used
+    if free is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            free = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2
+    with contextlib.suppress(ImportError, OSError, ValueError, StopIteration):  # ulimit -d
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+        with open('/proc/self/status') as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmData:'))
+        if limit != resource.RLIM_INFINITY and (free is None or limit - used < free):
+            free = limit - used
+    return free
+
+
+def measure_micro_step(model, x, y, ctx):
+    """(seconds, bytes) that one forward and backward of the batch x, y took: time, and the growth
+    of the peak resident memory (the gradients, allocated once, and the batch's activations). The
+    gradients are cleared and the random state restored afterwards, so training goes on as if this
+    had not run."""
+    rng = torch.get_rng_state()
+    before = peak_memory(reset=True)
+    t0 = time.perf_counter()
+    with ctx:
+        _, loss = model(x, y)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    grown = None if before is None else peak_memory() - before
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    return seconds, grown

@@ -4,6 +4,7 @@ a prompt, clicks Generate and sees text appear; and 32 clients at once (slow). S
 keep the browser's picture."""
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -20,7 +21,7 @@ from model import GPT
 def test_streams_text_token_by_token_and_reproducibly(server):
     from gradio_client import Client
     from inference import generate, load_model, prepare_for_generation
-    url, ckpt = server
+    url, ckpt, _ = server
     client = Client(url, verbose=False)
     updates = list(client.submit('ROMEO:', 20, 0.7, 50, 1, api_name='/generate'))
     texts = [text for text, _ in updates]
@@ -41,24 +42,57 @@ def predict(client, *args, timeout=60):
     return client.submit(*args, api_name='/generate').result(timeout=timeout)
 
 
-def test_bad_parameters_get_a_clear_message(server):
+@pytest.mark.parametrize('args, message', [
+    (('ROMEO:', -5, 0.7, 50, 1), "Max tokens must be a whole number of at least 1, got -5."),
+    (('ROMEO:', 'many', 0.7, 50, 1), "Max tokens must be a whole number of at least 1, got 'many'."),
+    (('ROMEO:', 2.5, 0.7, 50, 1), "Max tokens must be a whole number of at least 1, got 2.5."),
+    (('ROMEO:', 10, 1.5, 50, 1), "Temperature must be from 0 (always the likeliest token) to 1, got 1.5."),
+    (('ROMEO:', 10, 'hot', 50, 1), "Temperature must be from 0 (always the likeliest token) to 1, got 'hot'."),
+    (('ROMEO:', 10, 0.7, -3, 1), "Top N must be a whole number of at least 0, got -3."),
+    (('ROMEO:', 10, 0.7, 50, 1.5), 'Random seed must be a whole number from -1 to 9223372036854775807, got 1.5.'),
+    (('ROMEO:', 10, 0.7, 50, 2 ** 70),
+     'Random seed must be a whole number from -1 to 9223372036854775807, got 1180591620717411303424.'),
+])
+def test_every_bad_value_gets_its_own_message_and_one_log_line(server, args, message):
+    """Over the API, any value for any parameter: the client gets the parameter's own message, the
+    server's log one line saying so, never a traceback."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
+    url, _, log = server
+    with pytest.raises(AppError) as refused:
+        predict(Client(url, verbose=False), *args)
+    assert str(refused.value) == message
+    deadline = time.time() + 10
+    while f'refused: {message}' not in log.read_text():
+        assert time.time() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+    assert 'Traceback' not in log.read_text()
+
+
+def test_the_api_is_named_and_typed(server):
+    """What README documents: /generate takes (prompt, max_new_tokens, temperature, top_k, seed) with
+    integers where integers are meant, and returns (text, status)."""
+    from gradio_client import Client
+    api = Client(server[0], verbose=False).view_api(return_format='dict', print_info=False)
+    endpoint = api['named_endpoints']['/generate']
+    assert [(p['parameter_name'], p['python_type']['type']) for p in endpoint['parameters']] == [
+        ('prompt', 'str'), ('max_new_tokens', 'int'), ('temperature', 'float'), ('top_k', 'int'), ('seed', 'int')]
+    assert [r['label'] for r in endpoint['returns']] == ['Text', 'Status']
+
+
+def test_bad_parameters_get_a_clear_message(server):
+    from gradio_client import Client
     client = Client(server[0], verbose=False)
-    with pytest.raises(AppError, match='less than minimum value 1'):
-        predict(client, 'ROMEO:', -5, 0.7, 50, 1)
-    with pytest.raises(AppError, match='greater than maximum value 500'):  # the page's own limit
-        predict(client, 'ROMEO:', 10 ** 6, 0.7, 50, 1)
-    with pytest.raises(AppError, match='greater than maximum value 1'):
-        predict(client, 'ROMEO:', 10, 1.5, 50, 1)
+    text, status = predict(client, 'ROMEO:', 1, 0.7, 50, 1)
+    assert status.startswith('1 token in ')  # not "1 tokens"
     # an empty prompt starts from <|endoftext|>; empty top N and seed: all tokens, a random seed (-1 too)
     text, status = predict(client, '', 10, 0.0, None, None)
     assert text and status.startswith('10 tokens in ')
     seeds = {re.search(r'seed (\d+)', predict(client, 'ROMEO:', 1, 0.7, 50, -1)[1]).group(1) for _ in range(3)}
     assert len(seeds) == 3
     # a huge prompt is cropped, not fed whole to the tokenizer; negative top N means all tokens
-    text, status = predict(client, 'To be. ' * 5000, 5, 1.0, -3, 2)
-    assert 'seed text cropped to its last 4000 characters' in status and len(text) < 4500
+    text, status = predict(client, 'To be. ' * 5000, 5, 1.0, 0, 2)
+    assert 'prompt cropped to its last 4000 characters' in status and len(text) < 4500
     # the server is still up after all that
     assert predict(client, 'JULIET:', 3, 0.7, 50, 3)[1].startswith('3 tokens')
 
@@ -66,7 +100,7 @@ def test_bad_parameters_get_a_clear_message(server):
 @pytest.mark.timeout(120)
 def test_the_handler_caps_what_the_page_does_not_check(tmp_path):
     """The page's limits are checked by Gradio only for requests that go through it; the generate
-    function itself caps max tokens and the seed text, and refuses a temperature out of range, for any
+    function itself caps max tokens and the prompt, and refuses a temperature out of range, for any
     caller."""
     import gradio as gr
     import app
@@ -76,11 +110,11 @@ def test_the_handler_caps_what_the_page_does_not_check(tmp_path):
     assert status.startswith(f'{app.MAX_NEW_TOKENS} tokens in ') and f'max tokens capped at {app.MAX_NEW_TOKENS}' in status
     *_, (text, status) = generate_text('x' * 10 * app.MAX_PROMPT_CHARS, 2, 0.7, 50, 1)
     assert text.startswith('x' * app.MAX_PROMPT_CHARS) and not text.startswith('x' * (app.MAX_PROMPT_CHARS + 1))
-    assert f'seed text cropped to its last {app.MAX_PROMPT_CHARS} characters' in status
+    assert f'prompt cropped to its last {app.MAX_PROMPT_CHARS} characters' in status
     for bad, message in ((5.0, 'Temperature must be from 0'), (float('nan'), 'Temperature must be from 0')):
         with pytest.raises(gr.Error, match=message):
             next(generate_text('ROMEO:', 5, bad, 50, 1))
-    with pytest.raises(gr.Error, match='Max tokens must be a number from 1'):
+    with pytest.raises(gr.Error, match='Max tokens must be a whole number of at least 1'):
         next(generate_text('ROMEO:', -1, 0.7, 50, 1))
 
 
@@ -124,11 +158,16 @@ def test_the_queue_is_bounded(tmp_path, monkeypatch):
 def test_training_tab_plots_the_run(server):
     config = json.load(urllib.request.urlopen(server[0] + 'config', timeout=10))
     plots = [c for c in config['components'] if c.get('type') == 'nativeplot']  # gr.LinePlot
-    assert sorted(p['props']['y'] for p in plots) == ['loss', 'lr', 'norm', 'tok_per_sec']
-    loss = next(p for p in plots if p['props']['y'] == 'loss')['props']['value']
-    assert len(loss['data']) == 30  # every step, and the half-written last line skipped
+    assert sorted(p['props']['y'] for p in plots) == ['log10 loss', 'lr', 'norm', 'tok_per_sec']
+    loss = next(p for p in plots if p['props']['y'] == 'log10 loss')['props']
+    columns = loss['value']['columns']
+    rows = [dict(zip(columns, row)) for row in loss['value']['data']]
+    # every step's batch loss (the half-written last line skipped), the two whole-text evaluations, the target
+    assert [sum(r['curve'] == c for r in rows) for c in ('batch loss', 'whole-text loss', 'target')] == [30, 2, 2]
+    assert {round(r['log10 loss'], 6) for r in rows if r['curve'] == 'target'} == {round(math.log10(0.099999), 6)}
+    assert loss['color'] == 'curve' and 'log' in loss['title']
     markdown = ' '.join(str(c['props'].get('value')) for c in config['components'] if c.get('type') == 'markdown')
-    assert '30 steps, last loss 2.3000 at step 29' in markdown and 'trained 30 steps' in markdown
+    assert '30 steps, whole-text loss 2.2500 after step 29' in markdown and 'trained 30 steps' in markdown
     assert f'{GPT(TINY_CONFIG).num_params() / 1e6:.1f}M parameters, int8 weights' in markdown  # counted before int8
 
 
@@ -149,20 +188,22 @@ def test_no_checkpoint_gives_a_message_not_a_crash(tmp_path, monkeypatch):
             Client(url, verbose=False).predict('ROMEO:', 10, 0.7, 50, 1, api_name='/generate')
     finally:
         demo.close()
-    with pytest.raises(gr.Error, match='Max tokens must be a number from 1 to 500'):
+    assert 'logs/&lt;run&gt;/ckpt.pt' in page  # escaped: shown as text, not taken for a tag
+    with pytest.raises(gr.Error, match='Max tokens must be a whole number of at least 1, got nan'):
         app.check_request('x', float('nan'), 0.7, None, None)
 
 
-def test_chromium_types_a_prompt_and_sees_text_appear(server, tmp_path):
+@contextlib.contextmanager
+def chromium(tmp_path):
+    """Headless Chromium driven by selenium (Debian's chromium and chromium-driver; .ci/run installs
+    them and sets REQUIRE_BROWSER, so that there a missing browser fails instead of skipping)."""
     chromium, driver = shutil.which('chromium'), shutil.which('chromedriver')
     if not (chromium and driver):
         message = 'Debian\'s chromium and chromium-driver are not installed (.ci/run installs them)'
-        if os.environ.get('REQUIRE_BROWSER'):  # set by .ci/run: there a missing browser is a failure
+        if os.environ.get('REQUIRE_BROWSER'):
             pytest.fail(message)
         pytest.skip(message)
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -171,6 +212,37 @@ def test_chromium_types_a_prompt_and_sees_text_appear(server, tmp_path):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
     try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+@pytest.mark.timeout(180)
+def test_chromium_shows_the_whole_no_model_message(tmp_path, monkeypatch):
+    """Without a model the page says how to get one, all of it: logs/<run>/ckpt.pt is text, not a tag
+    that swallows the rest of the line."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    import app
+    monkeypatch.chdir(tmp_path)  # no logs/ here
+    monkeypatch.delenv('GPT2_SHAKESPEARE_MODEL', raising=False)
+    demo = app.build_demo()
+    try:
+        _, url, _ = demo.launch(server_name='127.0.0.1', server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        with chromium(tmp_path) as browser:
+            browser.get(url)
+            shown = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.CSS_SELECTOR, '#no-model').text)
+    finally:
+        demo.close()
+    assert 'No model loaded.' in shown and 'logs/<run>/ckpt.pt' in shown
+    assert shown.rstrip().endswith('GPT2_SHAKESPEARE_MODEL=user/repo (Hugging Face Hub)'), shown
+
+
+@pytest.mark.timeout(300)
+def test_chromium_types_a_prompt_and_sees_text_appear(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    with chromium(tmp_path) as browser:
         browser.get(server[0])
         wait = WebDriverWait(browser, 60)
         prompt = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, '#prompt textarea'))
@@ -189,8 +261,6 @@ def test_chromium_types_a_prompt_and_sees_text_appear(server, tmp_path):
         # the page's default seed is a new random one each time: a second click writes another text
         browser.find_element(By.CSS_SELECTOR, '#generate').click()
         wait.until(seed_of_finished_request(other_than=first), message='a second click used the same seed')
-    finally:
-        browser.quit()
 
 
 # ---- the app under load ----
@@ -210,11 +280,11 @@ def load_requests(rng, max_new_tokens, max_prompt_chars):
         tail = ('To be, or not to be: that is the question. ' * 100)[:max_prompt_chars]
         return kind, ('x' * (100_000 - len(tail)) + tail, n, 0.7, 50, seed), None
     if kind == 'negative tokens':
-        return kind, ('ROMEO:', -5, 0.7, 50, seed), 'Value -5 is less than minimum value 1.'
+        return kind, ('ROMEO:', -5, 0.7, 50, seed), 'Max tokens must be a whole number of at least 1, got -5.'
     if kind == 'huge max tokens':
-        return kind, ('ROMEO:', 10 ** 6, 0.7, 50, seed), f'Value 1000000 is greater than maximum value {max_new_tokens}.'
+        return kind, ('ROMEO:', 10 ** 6, 0.7, 50, seed), None  # capped at max_new_tokens
     if kind == 'temperature 5':
-        return kind, ('ROMEO:', n, 5.0, 50, seed), 'Value 5.0 is greater than maximum value 1.'
+        return kind, ('ROMEO:', n, 5.0, 50, seed), 'Temperature must be from 0 (always the likeliest token) to 1, got 5.0.'
     return kind, (rng.choice(['ROMEO:', 'JULIET:\nO Romeo', '', 'First Citizen:']), n, 0.7, 50, seed), None
 
 
@@ -232,7 +302,7 @@ def test_app_under_load_answers_or_refuses_every_request(server, monkeypatch):
     from gradio_client.utils import QueueError
     import app
     CLIENTS, LOAD_SECONDS, REQUEST_LIMIT = 32, 40, 120
-    url, _ = server
+    url, _, _ = server
     port = url.rstrip('/').rsplit(':', 1)[1]
     pid = next(pid for pid, env in children(os.getpid()).items() if env.get('GRADIO_SERVER_PORT') == port)
     seed = int(os.environ.get('FAULT_SEED', time.time_ns() % 100_000))
@@ -268,7 +338,7 @@ def test_app_under_load_answers_or_refuses_every_request(server, monkeypatch):
                 continue
             # answered: the server's caps held (10**6 max tokens may be capped instead of refused)
             n, note = min(args[1], app.MAX_NEW_TOKENS), {
-                'huge prompt': f'seed text cropped to its last {app.MAX_PROMPT_CHARS} characters',
+                'huge prompt': f'prompt cropped to its last {app.MAX_PROMPT_CHARS} characters',
                 'huge max tokens': f'max tokens capped at {app.MAX_NEW_TOKENS}'}.get(kind, '')
             ok = (refusal is None or kind == 'huge max tokens') and text.startswith(args[0][-app.MAX_PROMPT_CHARS:]) \
                 and status.startswith(f'{n} tokens in ') and note in status

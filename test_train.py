@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -233,7 +234,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(data, tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, err
     log = (out / 'train.log').read_text()
     last = int(steps(log)[-1][0])
-    assert f'stopped by a signal after step {last}' in log
+    assert re.search(rf'stopped by a signal (during step {last + 1}|after step {last}); checkpoint after '
+                     rf'{last + 1} steps: ', log)
     assert checkpoint.load_training(str(out / 'ckpt.pt')).run.step == last + 1
 
 
@@ -309,3 +311,145 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr == f'error: data file {tmp_path / "missing.txt"} not found\n'
+
+
+# ---- the first minutes on a laptop: signals, progress, memory, the run's folder ----
+
+def train_process(*argv, stderr=subprocess.PIPE, preexec_fn=None):
+    return subprocess.Popen([sys.executable, 'train.py', *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True, preexec_fn=preexec_fn)
+
+
+def wait_for(condition, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f'train.py ended early with {proc.returncode}'
+        assert time.time() < deadline, 'timed out'
+        time.sleep(0.05)
+
+
+# steps of 240 micro-steps of 2 x 128 tokens: over 10 s on a 2-core CPU, so that their progress shows
+SLOW_STEP = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '128', '--batch-size', '2',
+             '--total-batch-tokens', str(240 * 2 * 128), '--device', 'cpu', '--samples', '0', '--data-tokens', '20000',
+             '--max-steps', '1000', '--checkpoint-interval', '1']
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_in_a_long_step_is_answered_within_a_micro_step(data, tmp_path):
+    """A step that takes over 10 s shows its progress on the terminal (never in train.log). Ctrl-C in
+    the middle of it stops the run after the micro-step under way, saves the state before that step
+    (the checkpoint written after the step before it, tensor for tensor) and exits 130, without a
+    traceback."""
+    out, err = tmp_path / 'run', tmp_path / 'stderr.txt'
+    with open(err, 'w') as stderr:
+        p = train_process(*SLOW_STEP, '--data', data, '--out-dir', str(out), stderr=stderr)
+        try:
+            wait_for(lambda: ': micro-step ' in err.read_text(), p)  # 10 s into a step
+            step = int(re.search(r'step (\d+): micro-step', err.read_text()).group(1))
+            before = checkpoint.load_training(str(out / 'ckpt.pt')).model if step else None
+            t0 = time.time()
+            p.send_signal(signal.SIGINT)
+            rc = p.wait(timeout=60)
+            took = time.time() - t0
+        finally:
+            p.kill()
+    shown = err.read_text()
+    assert rc == 128 + signal.SIGINT and 'Traceback' not in shown, shown[-3000:]
+    done, elapsed = map(int, re.search(rf'step {step}: micro-step (\d+)/240, (\d+) s, about \d+ s left',
+                                       shown).groups())
+    assert took < 2 * elapsed / done + 2, (took, elapsed / done)  # a micro-step and the checkpoint, not the step
+    log = (out / 'train.log').read_text()
+    assert ': micro-step' not in log and f'step {step} |' not in log
+    assert f'stopped by a signal during step {step}; checkpoint after {step} steps: {out / "ckpt.pt"}' in log
+    stopped = checkpoint.load_training(str(out / 'ckpt.pt'))
+    # the data position of a run that did `step` whole steps of 480 windows, out of 157
+    assert stopped.run.step == step and stopped.run.position == step * 480 % 157
+    if before is None:  # stopped in the first step: the initial weights (--seed 1337)
+        torch.manual_seed(1337)
+        before = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)).state_dict()
+    assert all(torch.equal(stopped.model[k], before[k]) for k in before)
+
+
+@pytest.mark.timeout(300)
+def test_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(data, tmp_path):
+    """Ctrl-C twice in a step: out at once, one line, and the last checkpoint is not touched. The two
+    signals must both land before the first one's stop is done (a micro-step of 32 sequences, over a
+    second); when the first stop was quicker than the 0.2 s between them, the run is tried again."""
+    out = tmp_path / 'run'
+    quick = ['--total-batch-tokens', '256', '--max-steps', '1']  # one micro-step, to make a checkpoint
+    assert train.main([*SLOW_STEP, *quick, '--data', data, '--out-dir', str(out)]) == 0
+    before = hashlib.sha256((out / 'ckpt.pt').read_bytes()).hexdigest()
+    shutil.copy(out / 'ckpt.pt', tmp_path / 'pristine.pt')
+    for attempt in range(4):
+        shutil.copy(tmp_path / 'pristine.pt', out / 'ckpt.pt')  # each attempt from the same checkpoint
+        p = train_process('--resume', str(out / 'ckpt.pt'), '--batch-size', '32',
+                          '--total-batch-tokens', str(6 * 32 * 128), '--max-steps', '1000')
+        try:
+            n_runs = (out / 'train.log').read_text().count('resumed from')
+            wait_for(lambda: (out / 'train.log').read_text().count('resumed from') > n_runs, p)
+            time.sleep(0.5)  # into step 1
+            p.send_signal(signal.SIGINT)
+            time.sleep(0.2)  # two at once would be one: a process sees a pending signal once
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+        if err.strip():
+            break
+    assert p.returncode == 128 + signal.SIGINT and 'Traceback' not in err, err
+    assert err.strip().splitlines() == ['error: stopped at once by a second Ctrl-C; the last checkpoint is as it was']
+    assert hashlib.sha256((out / 'ckpt.pt').read_bytes()).hexdigest() == before
+    assert not (out / 'ckpt.pt.tmp').exists()
+
+
+def test_a_runs_folder_is_never_written_into_by_another_run(data, tmp_path):
+    out = tmp_path / 'run'
+    rc, log = run(out, '--data', data, '--data-tokens', '3000', '--max-steps', '2')
+    files = {name: (out / name).read_bytes() for name in ('train.log', 'metrics.jsonl', 'ckpt.pt')}
+    with pytest.raises(train.TrainError, match=rf'--out-dir {re.escape(str(out))} holds a run already \(train.log, '
+                                               r'metrics.jsonl, ckpt.pt\): continue it with --resume, or give a new'):
+        run(out, '--data', data, '--data-tokens', '3000', '--max-steps', '4')
+    assert {name: (out / name).read_bytes() for name in files} == files  # untouched
+    assert json.loads(log.splitlines()[4].removeprefix('config: '))['out_dir'] == str(out)  # the real one
+    assert train.main(['--resume', str(out / 'ckpt.pt'), '--max-steps', '3']) == 0  # --resume says so
+
+
+def limit_memory(megabytes):
+    def limit():  # in the child: its data segment may not grow past this
+        resource.setrlimit(resource.RLIMIT_DATA, (megabytes << 20, megabytes << 20))
+    return limit
+
+
+BIG_LOGITS = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '256', '--total-batch-tokens',
+              str(16 * 256), '--device', 'cpu', '--samples', '0', '--data-tokens', '20000', '--max-steps', '1']
+
+
+@pytest.mark.timeout(300)
+def test_on_a_cpu_the_micro_batch_fits_the_free_memory_and_a_notice_says_so(data, tmp_path):
+    """With 1 GiB for its data, a model whose 16-sequence micro-batch needs over 3 GB of logits and
+    their gradients: train.py measures one sequence, picks a micro-batch that fits (accumulation keeps
+    the 4,096 tokens per step), says so before step 0, and trains."""
+    out = tmp_path / 'run'
+    p = train_process(*BIG_LOGITS, '--data', data, '--out-dir', str(out), preexec_fn=limit_memory(1024))
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    log = (out / 'train.log').read_text()
+    notice = next(line for line in log.splitlines() if line.startswith('notice: '))
+    B = int(re.search(r'micro-batch (\d+) \(about \S+ GB of the \S+ GB free\)', notice).group(1))
+    assert B < 16 and 'python train.py --n-layer 4' in notice  # the walk-through to try first
+    assert f'step: 4,096 tokens = {B} x 256 x {16 // B} micro-steps' in log
+    assert json.loads(log.splitlines()[4].removeprefix('config: '))['batch_size'] == B
+    assert log.index('notice: ') < log.index('step 0 |')
+
+
+@pytest.mark.timeout(300)
+def test_out_of_memory_is_one_line_naming_the_batch_size(data, tmp_path):
+    """The same, with --batch-size 16 asked for: the allocation fails (a real one, refused by the
+    kernel) and train.py says what to do in one line."""
+    p = train_process(*BIG_LOGITS, '--batch-size', '16', '--data', data, '--out-dir', str(tmp_path / 'run'),
+                      preexec_fn=limit_memory(1024))
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 1 and len(err.splitlines()) == 1, err[-3000:]
+    assert re.fullmatch(r"error: out of memory \(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                        r"\d+ bytes\): give a smaller --batch-size; gradient accumulation keeps the tokens per "
+                        r"step\n", err), err

@@ -35,25 +35,33 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from checkpoint import CheckpointError, RunState
 from data import DataError, load_splits
-from model import GPT, GPTConfig, autocast, device_name, pick_device
+from model import GPT, GPTConfig, autocast, free_memory, measure_micro_step, pick_device
+
+# a 7.2M-parameter model on the play's first 1,025 tokens: the whole pipeline in minutes on a CPU
+WALKTHROUGH = ('python train.py --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 8 '
+               '--total-batch-tokens 1024 --data-tokens 1025 --lr 1e-2 --warmup-steps 10 '
+               '--max-steps 400 --device cpu')
 
 
 class TrainError(Exception):
     """Bad input or a failed run: reported as one line `error: ...` with exit status 1."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
 # ---- arguments ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a('--data', default='input.txt', help='UTF-8 text (tokenized once, cached as a uint16 .bin '
-      'beside it) or a uint16 .bin of GPT-2 token ids (default: input.txt)')
+      'beside it) or a uint16 .bin of GPT-2 token ids')
     a('--data-tokens', type=int, default=0, help='use only the first N tokens of the data (0: all)')
     a('--val-fraction', type=float, default=0.0, help='hold out this last fraction of the tokens '
-      'as a validation split (default 0: train on the whole text)')
-    a('--out-dir', help='folder of train.log, metrics.jsonl and ckpt.pt (default: logs/run-<time>)')
+      'as a validation split (0: train on the whole text)')
+    a('--out-dir', help='a new folder for train.log, metrics.jsonl and ckpt.pt (None: logs/run-<time>)')
     a('--resume', nargs='?', const='', default=None, metavar='CKPT', help='continue from this '
       'checkpoint (bare --resume: <out-dir>/ckpt.pt) with its saved settings; flags given now '
       'override them')
@@ -64,19 +72,20 @@ def build_parser():
     a('--block-size', type=int, default=1024, help='context length T')
     a('--dropout', type=float, default=0.0)
     a = p.add_argument_group('optimization (tunable; the defaults are nanoGPT-like)').add_argument
-    a('--batch-size', type=int, default=16, help='micro-batch: sequences per process per forward')
+    a('--batch-size', type=int, help='micro-batch: sequences per process per forward (None: 16; '
+      'on a CPU or Apple GPU, fewer if 16 would not fit in the free memory)')
     a('--total-batch-tokens', type=int, default=65536, help='tokens per optimizer step; gradient '
       'accumulation fills it (a multiple of batch-size x block-size x processes)')
     a('--optimizer', default='adamw', choices=['adamw', 'muon'], help='muon: torch.optim.Muon '
       '(torch >= 2.9) for the 2-D weights inside the blocks, AdamW for embeddings, biases and '
       'LayerNorm gains')
     a('--lr', type=float, default=6e-4, help='peak learning rate (AdamW)')
-    a('--muon-lr', type=float, default=None, help="peak learning rate of Muon (default: --lr; "
+    a('--muon-lr', type=float, default=None, help="peak learning rate of Muon (None: --lr; "
       "Muon's 'match_rms_adamw' scaling makes AdamW's rates fit)")
-    a('--min-lr', type=float, help='learning rate at the end of the decay (default: lr / 10)')
+    a('--min-lr', type=float, help='learning rate at the end of the decay (None: lr / 10)')
     a('--warmup-steps', type=int, default=100, help='linear warmup steps')
     a('--max-steps', type=int, default=5000, help='stop here if the target was not reached earlier')
-    a('--lr-decay-steps', type=int, default=None, help='cosine decay ends here (default: '
+    a('--lr-decay-steps', type=int, default=None, help='cosine decay ends here (None: '
       '--max-steps); keep it fixed when a run is split by --resume')
     a('--weight-decay', type=float, default=0.1)
     a('--grad-clip', type=float, default=1.0, help='clip the gradient norm to this (0: none)')
@@ -95,12 +104,12 @@ def build_parser():
     a('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
       help='autocast dtype; auto: bfloat16 on GPUs that have it, float16 with a GradScaler on '
       'older ones (T4), float32 on CPU and MPS')
-    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (default: CUDA only)')
+    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (None: CUDA only)')
     a('--compile-mode', default='model', choices=['model', 'blocks'], help='model: the whole '
       'model; blocks: each block (one compile reused by all: starts faster, steps slower)')
     a('--ddp-timeout', type=float, default=1800, help='seconds a process waits for the others '
       'before the run fails (a process hung; one that dies is noticed at once); keep it well above '
-      'the time a checkpoint write takes, which the others wait out (default: 1800)')
+      'the time a checkpoint write takes, which the others wait out')
     return p
 
 
@@ -125,7 +134,7 @@ def parse_args(argv):
         args.resume = path
     for name in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'total_batch_tokens',
                  'max_steps'):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise TrainError(f'--{name.replace("_", "-")} must be positive')
     if args.n_embd % args.n_head:
         raise TrainError(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
@@ -184,6 +193,13 @@ def collective_failure(error):
     return first[location.end() if location else 0:].split('. ')[0]
 
 
+def out_of_memory(error):
+    """What a failed CPU allocation says, or None for any other error. torch raises a plain
+    RuntimeError there: only its message tells, and test_train.py checks it on a real one."""
+    found = re.search(r"DefaultCPUAllocator: can't allocate memory[^.]*", str(error))
+    return found.group(0) if isinstance(error, RuntimeError) and found else None
+
+
 def load_data(args, rt):
     """(training windows, validation windows or None, a line for the log) of --data."""
     if rt.local_rank != 0:  # one process per machine tokenizes first; the others find its cache
@@ -207,28 +223,62 @@ def lr_factor(step, warmup_steps, decay_steps, floor):
 
 
 @torch.no_grad()
-def evaluate(model, windows, batch_size, ctx, rank=0, world=1):
+def evaluate(model, windows, batch_size, ctx, rank=0, world=1, stopped=None):
     """Mean loss over every target of `windows`, each predicted once, in eval mode. The processes
-    split the batches and add up their loss sums and target counts."""
+    split the batches and add up their loss sums and target counts. None if stopped() turns true
+    between batches of a single process."""
     model.eval()
     total = torch.zeros(2, device=windows.device)  # (loss sum, number of targets)
     eager = torch.compiler.set_stance('force_eager')  # a one-off pass: compiling it would cost more
-    for b in range(rank, math.ceil(windows.n / batch_size), world):
+    batches = range(rank, math.ceil(windows.n / batch_size), world)
+    progress = Progress('whole-text loss: batch', len(batches), active=rank == 0)
+    for done, b in enumerate(batches, 1):
+        if stopped is not None and stopped() and world == 1:
+            model.train()
+            progress.close()
+            return None
+        progress.update(done)
         x, y = windows.get(b * batch_size, batch_size, wrap=False)
         with ctx, eager:
             _, loss = model(x, y)
         count = (y != -1).sum()
         # a batch of padding only has a nan loss and no targets
         total += torch.stack([loss.float().nan_to_num() * count, count.float()])
+    progress.close()
     if world > 1:
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
 
 
-def train_step(model, params, optimizers, scaler, batches, grad_clip, ctx, ddp):
+class Progress:
+    """Where work that takes long is: after 10 s, a line on stderr with the part done and the time
+    left, rewritten in place on a terminal (a new line every 30 s elsewhere); never in train.log."""
+
+    def __init__(self, what, total, active=True):
+        self.what, self.total, self.active, self.t0, self.shown = what, total, active, time.time(), None
+
+    def update(self, done):
+        elapsed, every = time.time() - self.t0, 1 if sys.stderr.isatty() else 30
+        if not self.active or elapsed < 10 or done >= self.total:
+            return
+        if self.shown is not None and elapsed - self.shown < every:
+            return
+        self.shown = elapsed
+        left = elapsed / done * (self.total - done)
+        line = f'{self.what} {done}/{self.total}, {elapsed:.0f} s, about {left:.0f} s left'
+        sys.stderr.write(f'\r{line}\033[K' if every == 1 else f'{line}\n')
+        sys.stderr.flush()
+
+    def close(self):
+        if self.shown is not None and sys.stderr.isatty():
+            sys.stderr.write('\r\033[K')  # the step line takes its place
+
+
+def train_step(model, params, optimizers, scaler, batches, grad_clip, ctx, ddp, stopped, progress):
     """One optimizer step over the micro-batches [(x, y), ...]. Returns the mean loss and the
-    gradient norm before clipping, as tensors: reading them (a host sync) is the caller's."""
+    gradient norm before clipping, as tensors: reading them (a host sync) is the caller's. Returns
+    None, with no update made, when stopped() turns true between micro-steps of one process."""
     loss_sum = 0.0
     for i, (x, y) in enumerate(batches):
         if ddp:
@@ -238,6 +288,11 @@ def train_step(model, params, optimizers, scaler, batches, grad_clip, ctx, ddp):
         loss = loss / len(batches)  # gradients add up over micro-steps; we want their mean
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
+        progress.update(i + 1)
+        if stopped() and not ddp and i + 1 < len(batches):  # DDP processes finish the step together
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            return None
     for opt in optimizers:
         scaler.unscale_(opt)  # clip the true gradients, not the float16 loss-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
@@ -249,66 +304,62 @@ def train_step(model, params, optimizers, scaler, batches, grad_clip, ctx, ddp):
     return loss_sum, norm
 
 
-# ---- the run's files ----
-
-class RunLog:
-    """<out-dir>/train.log (every line, appended across resumes) and metrics.jsonl (one row per
-    step), written by the first process; the others' calls do nothing."""
-
-    def __init__(self, out_dir, start_step, active):
-        self.active = active
-        if not active:
-            return
-        try:  # an out-dir we cannot write to fails now, not at the first checkpoint hours later
-            os.makedirs(out_dir, exist_ok=True)
-            self.file = open(os.path.join(out_dir, 'train.log'), 'a', buffering=1)
-            # a run killed after its last checkpoint logged steps that this one does again: keep the
-            # rows before start_step (train.log keeps every line, after 'resumed from ... step N')
-            path = os.path.join(out_dir, 'metrics.jsonl')
-            rows = open(path).read().splitlines() if os.path.exists(path) else []
-            with open(path + '.tmp', 'w') as f:
-                f.writelines(row + '\n' for row in rows if metrics_step(row) < start_step)
-            os.replace(path + '.tmp', path)
-            self.metrics = open(path, 'a', buffering=1)
-        except OSError as e:
-            raise TrainError(f'cannot write to the out-dir {out_dir} ({e.strerror})') from None
-
-    def __call__(self, msg):
-        if self.active:
-            print(msg, flush=True)
-            self.file.write(msg + '\n')
-
-    def row(self, row):
-        if self.active:
-            self.metrics.write(json.dumps(row) + '\n')
+def make_model(args, rt, resumed, scaler, muon_lr, n_windows):
+    """(GPT-2, its optimizers, their groups' peak lrs, the RunState): new, or as the checkpoint
+    being resumed left them."""
+    torch.manual_seed(args.seed)
+    config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, dropout=args.dropout)
+    model = GPT(config).to(rt.device)  # what gets saved: never an _orig_mod. or module. prefix
+    optimizers = model.configure_optimizers(args.weight_decay, args.lr, muon_lr,
+                                            device_type=rt.device_type, verbose=False)
+    peak_lrs = [[g['lr'] for g in opt.param_groups] for opt in optimizers]  # before a resume's
+    if not resumed:
+        return model, optimizers, peak_lrs, RunState()
+    try:
+        run = checkpoint.restore_training(resumed, model, optimizers, scaler)
+    except CheckpointError as e:
+        raise TrainError(f'--resume: {e}') from None
+    run.position %= n_windows
+    return model, optimizers, peak_lrs, run
 
 
-def metrics_step(line):
-    """The step of a metrics.jsonl line; infinity for a line cut by a kill."""
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        return json.loads(line)['step']
-    return math.inf
+def compile_and_wrap(raw_model, args, rt):
+    """What runs forward: the model, compiled on CUDA (unless --no-compile), in DDP under torchrun."""
+    model = raw_model
+    if rt.compile and args.compile_mode == 'blocks':
+        for block in raw_model.transformer.h:
+            block.compile()  # the 12 blocks share one compiled graph
+        raw_model.head = torch.compile(raw_model.head)  # ln_f, lm_head, loss: memory-bound eager
+    elif rt.compile:
+        model = torch.compile(raw_model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+    return model
 
 
-def log_header(log, argv, args, rt, model, data_line):
-    import tiktoken
-    here, commit = os.path.dirname(os.path.abspath(__file__)), 'unknown'
-    with contextlib.suppress(OSError):
-        git = subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True,
-                             text=True, timeout=10, cwd=here)
-        commit = git.stdout.strip() or commit
-    decayed, not_decayed = (g['params'] for g in model.optim_groups(args.weight_decay, 0)['adamw'])
-    log(f'command: {shlex.join(["python", "train.py", *argv])}')
-    log(f'git commit: {commit}')
-    log(f'device: {device_name(rt.device)} x {rt.world} process(es) | dtype: {rt.dtype} | compile: '
-        f'{args.compile_mode if rt.compile else "off"}')
-    log(f'versions: python {platform.python_version()} | torch {torch.__version__} | '
-        f'tiktoken {tiktoken.__version__}')
-    log(f'config: {json.dumps(vars(args))}')
-    log(f'model: {model.num_params():,} parameters | decayed: {len(decayed)} tensors, '
-        f'{sum(p.numel() for p in decayed):,} | not decayed: {len(not_decayed)} tensors, '
-        f'{sum(p.numel() for p in not_decayed):,}')
-    log(f'data: {data_line}')
+def fit_micro_batch(args, rt, model, windows, B):
+    """On a CPU or Apple GPU: (micro-batch, a notice for the log or None). One sequence's forward
+    and backward is measured; the micro-batch halves until what training still has to allocate fits
+    in the free memory (gradient accumulation keeps the step's tokens), and a slow run says so."""
+    seconds, grown = measure_micro_step(model, *windows.get(0, 1), rt.autocast)
+    free, weights = free_memory(), model.num_params() * 4
+    need = None
+    if grown and free:
+        per_sequence = max(grown - weights, 1)  # the first backward also allocated the gradients
+        need = 3 * weights + B * per_sequence  # + gradients and AdamW's two moments
+        while B % 2 == 0 and need > 0.6 * free:  # 0.6: allocators keep more than a step holds
+            B //= 2
+            need = 3 * weights + B * per_sequence
+    step_s = seconds * args.total_batch_tokens / args.block_size / rt.world
+    if B == 16 and step_s < 30:
+        return B, None
+    memory = '' if need is None else f' (about {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free)'
+    return B, (f'notice: on this {rt.device_type.upper()} one sequence takes {seconds:.1f} s forward '
+               f'and backward: a step about {step_s / 60:.1f} min, a pass over the text '
+               f'{seconds * windows.n / rt.world / 60:.0f} min; micro-batch {B}{memory}. A GPU trains '
+               f'GPT-2 124M in minutes; to see the whole pipeline here first, run the walk-through: '
+               f'{WALKTHROUGH}')
 
 
 # ---- the run ----
@@ -325,61 +376,59 @@ def train(argv, t_start):
     muon_lr = None
     if args.optimizer == 'muon':
         muon_lr = args.lr if args.muon_lr is None else args.muon_lr
-    B, T, world = args.batch_size, args.block_size, rt.world
+    B, T, world = args.batch_size or 16, args.block_size, rt.world
     if args.total_batch_tokens % (B * T * world):
         raise TrainError(f'--total-batch-tokens {args.total_batch_tokens} is not a multiple of '
                          f'batch-size x block-size x processes = {B} x {T} x {world} = '
                          f'{B * T * world}')
-    grad_accum = args.total_batch_tokens // (B * T * world)
     if args.out_dir is None:
         args.out_dir = os.path.join('logs', datetime.datetime.now().strftime('run-%Y%m%d-%H%M%S'))
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    found = [name for name in ('train.log', 'metrics.jsonl', 'ckpt.pt')
+             if os.path.exists(os.path.join(args.out_dir, name))]
+    if found and not resumed:  # a run's folder is its record: never added to by another run
+        raise TrainError(f'--out-dir {args.out_dir} holds a run already ({", ".join(found)}): '
+                         f'continue it with --resume, or give a new --out-dir')
+    commit = checkpoint.git_commit()  # before this run writes anything into the tree
 
     # ---- data ----
     train_windows, val_windows, data_line = load_data(args, rt)
 
     # ---- model and optimizer ----
-    torch.manual_seed(args.seed)
-    config = GPTConfig(block_size=T, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                       dropout=args.dropout)
-    raw_model = GPT(config).to(rt.device)  # what gets saved: never an _orig_mod. or module. prefix
-    optimizers = raw_model.configure_optimizers(args.weight_decay, args.lr, muon_lr,
-                                                device_type=rt.device_type, verbose=False)
-    peak_lrs = [[g['lr'] for g in opt.param_groups] for opt in optimizers]  # the schedule scales
-    run = RunState()
-    if resumed:
-        try:
-            run = checkpoint.restore_training(resumed, raw_model, optimizers, scaler)
-        except CheckpointError as e:
-            raise TrainError(f'--resume: {e}') from None
-        run.position %= train_windows.n
+    raw_model, optimizers, peak_lrs, run = make_model(args, rt, resumed, scaler, muon_lr,
+                                                      train_windows.n)
+    notice = None
+    if args.batch_size is None and rt.device_type != 'cuda':
+        B, notice = fit_micro_batch(args, rt, raw_model, train_windows, B)
+    args.batch_size, grad_accum = B, args.total_batch_tokens // (B * T * world)
     if rt.rank:
         torch.manual_seed(args.seed + rt.rank + 7919 * run.step)  # its own dropout masks
-    model = raw_model
-    if rt.compile and args.compile_mode == 'blocks':
-        for block in raw_model.transformer.h:
-            block.compile()  # the 12 blocks share one compiled graph
-        raw_model.head = torch.compile(raw_model.head)  # ln_f, lm_head, loss: memory-bound eager
-    elif rt.compile:
-        model = torch.compile(raw_model)
-    if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+    model = compile_and_wrap(raw_model, args, rt)
 
     # ---- logging ----
-    log = RunLog(args.out_dir, run.step, rt.master)
-    log_header(log, argv, args, rt, raw_model, f'{data_line} | step: {args.total_batch_tokens:,} '
-               f'tokens = {B} x {T} x {grad_accum} micro-steps x {world} process(es)')
+    log = checkpoint.RunLog(args.out_dir, run.step, rt.master)
+    log.header(argv, vars(args), raw_model, commit, rt, f'{data_line} | step: '
+               f'{args.total_batch_tokens:,} tokens = {B} x {T} x {grad_accum} micro-steps x {world} '
+               f'process(es)')
+    if notice:
+        log(notice)
     if resumed:
         log(f'resumed from {args.resume} at step {run.step} ({run.tokens_seen:,} tokens seen)')
 
     t_start -= run.elapsed  # a resumed run's clock goes on from its checkpoint
 
-    def save():  # the run so far, unless the weights diverged (checked on the next batch)
+    def save(rng=None):  # the run so far, unless the weights diverged (checked on the next batch)
         run.elapsed = time.time() - t_start
-        checkpoint.save_training(ckpt_path, raw_model, optimizers, scaler, run, vars(args),
-                                 train_windows.get(run.position, B), ctx)
+        if rt.master:
+            checkpoint.save_training(ckpt_path, raw_model, optimizers, scaler, run, vars(args),
+                                     train_windows.get(run.position, B), ctx, rng)
 
-    # Ctrl-C or SIGTERM stops the run after the current step, with a checkpoint; a second at once
+    def stopped(when):  # the line that ends a run stopped by a signal, after its checkpoint
+        log(f'stopped by a signal {when}; checkpoint after {run.step} steps: {ckpt_path} (continue '
+            f'with --resume {ckpt_path})')
+        return 128 + signals[0]  # the shell's code for death by that signal
+
+    # Ctrl-C or SIGTERM stops the run within a micro-step, with a checkpoint; a second one at once
     signals = []
 
     def on_signal(signum, frame):
@@ -392,6 +441,9 @@ def train(argv, t_start):
     # ---- training loop ----
     next_target_eval, whole_loss, first_step_s = 0, None, None
     params = list(raw_model.parameters())
+
+    def halt():  # asked between micro-steps and evaluation batches
+        return bool(signals)
     for step in range(run.step, args.max_steps):
         t0 = time.time()
         factor = lr_factor(step, args.warmup_steps, decay_steps, min_lr / args.lr)
@@ -401,9 +453,16 @@ def train(argv, t_start):
         # this process's share of each micro-step: B windows out of B x world
         starts = [run.position + (i * world + rt.rank) * B for i in range(grad_accum)]
         batches = [train_windows.get(start, B) for start in starts]
+        rng = None if rt.ddp else checkpoint.rng_state()  # what to save if this step is cut short
+        progress = Progress(f'step {step}: micro-step', grad_accum, rt.master)
+        result = train_step(model, params, optimizers, scaler, batches, args.grad_clip, ctx, rt.ddp,
+                            halt, progress)
+        progress.close()
+        if result is None:  # stopped half-way: the weights are those after the last whole step
+            save(rng)
+            return stopped(f'during step {step}')
+        loss, norm = result
         run.position = (run.position + grad_accum * B * world) % train_windows.n
-        loss, norm = train_step(model, params, optimizers, scaler, batches, args.grad_clip, ctx,
-                                rt.ddp)
         stop = torch.tensor(float(bool(signals)), device=rt.device)
         if rt.ddp:  # the mean loss over processes; any process's signal stops them all at this step
             packed = torch.stack([loss, stop])
@@ -425,13 +484,15 @@ def train(argv, t_start):
         row = dict(step=step, loss=loss, dt_ms=dt * 1000, tok_per_sec=args.total_batch_tokens / dt,
                    norm=norm, lr=lr, tokens=run.tokens_seen)
         whole_loss = None
-        if loss < args.target_loss and step >= next_target_eval:
+        if loss < args.target_loss and step >= next_target_eval and not stop:
             # one lucky batch is no result: the loss over the whole text decides
-            whole_loss = evaluate(raw_model, train_windows, B, ctx, rt.rank, world)
-            row['whole_loss'] = whole_loss
-            log(f'whole-text loss after step {step}: {whole_loss:.6f} (target {args.target_loss})')
+            whole_loss = evaluate(raw_model, train_windows, B, ctx, rt.rank, world, halt)
+            if whole_loss is not None:
+                row['whole_loss'] = whole_loss
+                log(f'whole-text loss after step {step}: {whole_loss:.6f} (target '
+                    f'{args.target_loss})')
             next_target_eval = step + args.target_cooldown
-        if args.eval_interval and (step + 1) % args.eval_interval == 0:
+        if args.eval_interval and (step + 1) % args.eval_interval == 0 and not halt():
             if whole_loss is None:
                 row['whole_loss'] = evaluate(raw_model, train_windows, B, ctx, rt.rank, world)
             line = f'eval after step {step} | whole-text loss: {row["whole_loss"]:.6f}'
@@ -443,26 +504,25 @@ def train(argv, t_start):
         if whole_loss is not None and whole_loss < args.target_loss:
             break
         interval = args.checkpoint_interval
-        due = interval and run.step % interval == 0 and run.step < args.max_steps
-        if (stop or due) and rt.master:
+        if stop or halt() or interval and run.step % interval == 0 and run.step < args.max_steps:
             save()
-        if stop:
-            log(f'stopped by a signal after step {step}; checkpoint: {ckpt_path} '
-                f'(continue with --resume {ckpt_path})')
-            return 128 + (signals[0] if signals else signal.SIGTERM)  # the shell's code for it
+        if stop or halt():
+            return stopped(f'after step {step}')
 
     # ---- the end ----
     reached = whole_loss is not None and whole_loss < args.target_loss
     if not reached:  # the final number is always the loss over the whole text
-        whole_loss = evaluate(raw_model, train_windows, B, ctx, rt.rank, world)
+        whole_loss = evaluate(raw_model, train_windows, B, ctx, rt.rank, world, halt)
+        if whole_loss is None:
+            save()
+            return stopped(f'after step {run.step - 1}, in the final evaluation')
         reached = whole_loss < args.target_loss
-    if rt.master:
-        save()
+    save()
     compiled = ', compile included' if rt.compile else ''
-    log(f'{"target reached" if reached else "target NOT reached"} at step {run.step - 1} | tokens '
-        f'seen: {run.tokens_seen:,} | wall time: {run.elapsed:.1f}s (first step '
-        f'{first_step_s or 0:.1f}s{compiled}) | whole-text loss: {whole_loss:.6f} (target '
-        f'{args.target_loss}) | checkpoint: {ckpt_path}')
+    log(f'{"target reached" if reached else "target NOT reached"} at step {run.step - 1} '
+        f'({run.step} steps) | tokens seen: {run.tokens_seen:,} | wall time: {run.elapsed:.1f}s '
+        f'(first step {first_step_s or 0:.1f}s{compiled}) | whole-text loss: {whole_loss:.6f} '
+        f'(target {args.target_loss}) | checkpoint: {ckpt_path}')
     if rt.master and args.samples > 0:
         from inference import play_samples  # generation is written once, in inference.py
         for header, text in play_samples(raw_model, args.samples, args.seed):
@@ -478,7 +538,13 @@ def main(argv=None):
         return train(sys.argv[1:], T_START) if argv is None else train(argv, time.time())
     except (DataError, CheckpointError) as e:
         raise TrainError(str(e)) from None
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise TrainError(f'out of memory ({type(e).__name__}): give a smaller --batch-size; gradient '
+                         f'accumulation keeps the tokens per step') from None
     except RuntimeError as e:
+        if out_of_memory(e):
+            raise TrainError(f'out of memory ({out_of_memory(e)}): give a smaller --batch-size; '
+                             f'gradient accumulation keeps the tokens per step') from None
         reason = collective_failure(e) if dist.is_initialized() else None
         if reason is None:
             raise
@@ -493,7 +559,13 @@ def main(argv=None):
 
 if __name__ == '__main__':
     try:
-        sys.exit(main())
+        status = main()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is saved: a late Ctrl-C changes nothing
+        sys.exit(status)
     except TrainError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last checkpoint as it was
+        print('\nerror: stopped at once by a second Ctrl-C; the last checkpoint is as it was',
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
