@@ -1,23 +1,16 @@
 """inference.py: loading every kind of checkpoint, sampling, the KV cache against the uncached
 reference, streaming text, int8 weights and the command line. Tiny random models: seconds, no network."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, TINY_CONFIG as TINY, tiny_checkpoint
+from conftest import TINY_CONFIG as TINY, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
 from inference import (CheckpointError, Int8Linear, generate, generate_ids, load_model, newest_checkpoint,
                        prepare_for_generation, resolve_source, sample_next, stream_text)
 from model import GPT
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'inference.py'), *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 # ---- loading ----
