@@ -51,24 +51,29 @@ def newest_checkpoint(root='logs'):
 
 
 def download_from_hub(repo_id):
-    """Local paths of a Hub repo's weights: model.pt (model-only file) if it has one, else the
-    Hugging Face layout (config.json with model.safetensors or pytorch_model.bin)."""
+    """Local paths of a Hub repo's weights: the Hugging Face layout (config.json with model.safetensors,
+    as --export writes, or pytorch_model.bin), else model.pt (a model-only file). Offline, whichever of
+    them the local cache holds."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    for names in (['model.pt'], ['config.json', 'model.safetensors'], ['config.json', 'pytorch_model.bin']):
+    offline = False
+    for names in (['config.json', 'model.safetensors'], ['config.json', 'pytorch_model.bin'], ['model.pt']):
         try:
             paths = [hf_hub_download(repo_id, name) for name in names]
-        except EntryNotFoundError as e:
-            if not isinstance(e, LocalEntryNotFoundError):
-                continue  # the repo has no such file: try the next layout
-            raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub (offline or unreachable) '
-                                  f'and it is not in the local cache') from None
+        except LocalEntryNotFoundError:  # not in the local cache, and the Hub cannot be asked
+            offline = True
+            continue
+        except EntryNotFoundError:  # the repo has no such file: try the next layout
+            continue
         except Exception as e:  # no such repo, gated repo, ...
             raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub: {type(e).__name__}: '
                                   f'{str(e).splitlines()[0] if str(e) else ""}') from None
         return paths[0] if len(paths) == 1 else os.path.dirname(paths[1])  # both land in one snapshot dir
-    raise CheckpointError(f'{repo_id}: the Hub repo has neither model.pt nor config.json with '
-                          f'model.safetensors or pytorch_model.bin')
+    if offline:
+        raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub (offline or unreachable) '
+                              f'and it is not in the local cache')
+    raise CheckpointError(f'{repo_id}: the Hub repo has neither config.json with model.safetensors or '
+                          f'pytorch_model.bin nor model.pt')
 
 
 def resolve_source(source=None):
