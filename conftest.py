@@ -1,6 +1,6 @@
 """What the test files share: the tiny model (as train.py flags and as a GPTConfig), the step-line
-pattern of train.log, a tiny checkpoint and run folder written through checkpoint.py, train.py as a
-process, and `python app.py` on a free port."""
+pattern of train.log, a tiny checkpoint and run folder written through checkpoint.py, a network that
+refuses every connection, inference.py and train.py as processes, and `python app.py` on a free port."""
 import contextlib
 import json
 import os
@@ -69,6 +69,28 @@ def write_run(run_dir, steps=30):
             f.write(json.dumps(row) + '\n')
         f.write('{"step": 30, "loss"')  # a run killed mid-write: skipped, not a crash
     return path
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any attempt to reach the network fails, tiktoken's download cache is empty and the Hugging Face
+    libraries are told they are offline."""
+    import huggingface_hub.constants
+
+    def refuse(*args, **kwargs):
+        raise OSError('network disabled by the test')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty-cache'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # read at import: set it directly
+
+
+def run_cli(*args, env=None):
+    """`python inference.py ARGS` as its own process."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'inference.py'), *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 # ---- train.py as a process ----

@@ -6,10 +6,12 @@ token ids, and the windows of block_size tokens that training walks through.
     windows = Windows(tokens, T=1024, device='cuda')
     x, y = windows.get(start, count)    # (count, T) inputs and next-token targets
 
-Used by train.py (data), inference.py and app.py (the tokenizer).
+Used by train.py (data), inference.py and app.py (the tokenizer), checkpoint.py (the tokenizer's files
+in an export).
 """
 import base64
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 tokenizer; <|endoftext|> is 50256
 EOT_TOKEN = 50256
+EOT = '<|endoftext|>'
 ON_DEVICE_BYTES = 1 << 30  # token arrays below this (as int64 inputs + targets) live on the training device
 
 
@@ -36,21 +39,99 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 _tokenizers = {}
 
 
+def gpt2_ranks(path=TOKENIZER_PATH):
+    """{token bytes: rank} from the ranks file, checked against its sha256. A token's rank is its id."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != TOKENIZER_SHA256:
+        raise ValueError(f'{path} is not the GPT-2 ranks file (sha256 mismatch); '
+                         f'restore it from the repository')
+    lines = (line.split() for line in data.splitlines() if line)
+    return {base64.b64decode(token): int(rank) for token, rank in lines}
+
+
 def gpt2_tokenizer(path=TOKENIZER_PATH):
     """The GPT-2 tokenizer as a tiktoken Encoding, built offline from the ranks file."""
     if path not in _tokenizers:
         import tiktoken
-        with open(path, 'rb') as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != TOKENIZER_SHA256:
-            raise ValueError(f'{path} is not the GPT-2 ranks file (sha256 mismatch); '
-                             f'restore it from the repository')
-        lines = (line.split() for line in data.splitlines() if line)
-        ranks = {base64.b64decode(token): int(rank) for token, rank in lines}
-        _tokenizers[path] = tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                              special_tokens={'<|endoftext|>': EOT_TOKEN},
-                                              explicit_n_vocab=GPT2_VOCAB_SIZE)
+        _tokenizers[path] = tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=gpt2_ranks(path),
+                                              special_tokens={EOT: EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
     return _tokenizers[path]
+
+
+# ---- the tokenizer as Hugging Face files ----
+# vocab.json and merges.txt are what OpenAI released with GPT-2 (encoder.json and vocab.bpe);
+# tokenizer.json is the same tokenizer in the `tokenizers` library's format. All three are rebuilt here
+# from the ranks file: nothing is downloaded.
+
+def bytes_to_unicode():
+    """{byte: the character that stands for it} in GPT-2's vocab.json and merges.txt, which hold text,
+    not bytes: the 188 printable bytes of Latin-1 stand for themselves, the other 68 (control
+    characters, space, ...) for U+0100 onwards in byte order. So the space byte is 'Ġ'."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def bpe_parts(token, ranks, max_rank):
+    """token's bytes after byte-pair encoding with only the ranks below max_rank: merge the adjacent
+    pair whose join has the lowest rank, again and again (tiktoken's rule)."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        joined = [ranks.get(a + b, max_rank) for a, b in zip(parts, parts[1:])]
+        i = min(range(len(joined)), key=joined.__getitem__)
+        if joined[i] >= max_rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def gpt2_merges(ranks):
+    """The merge that makes each multi-byte token, in rank order (its order in merges.txt is its
+    priority): the last merge BPE makes on the token's bytes with the ranks below the token's own.
+    Each one splits the token in exactly two parts, or the ranks are not a BPE's."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            parts = bpe_parts(token, ranks, rank)
+            if len(parts) != 2:
+                raise ValueError(f'token {rank} ({token!r}) is no merge of two lower-ranked tokens')
+            merges.append(parts)
+    return merges
+
+
+def write_hf_tokenizer(out_dir, model_max_length=1024, path=TOKENIZER_PATH):
+    """The GPT-2 tokenizer as transformers' AutoTokenizer and the tokenizers library load it, offline:
+    vocab.json, merges.txt, tokenizer.json and tokenizer_config.json in out_dir. Its ids are
+    tiktoken's; '<|endoftext|>' in a text is the special token 50256, as inference.py reads a prompt."""
+    ranks = gpt2_ranks(path)
+    char = bytes_to_unicode()
+
+    def text(token):
+        return ''.join(char[b] for b in token)
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOT] = EOT_TOKEN
+    merges = [f'{text(a)} {text(b)}' for a, b in gpt2_merges(ranks)]
+    byte_level = {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': True}
+    tokenizer = {
+        'version': '1.0', 'truncation': None, 'padding': None,
+        'added_tokens': [{'id': EOT_TOKEN, 'content': EOT, 'single_word': False, 'lstrip': False,
+                          'rstrip': False, 'normalized': False, 'special': True}],
+        'normalizer': None, 'pre_tokenizer': byte_level, 'post_processor': byte_level, 'decoder': byte_level,
+        'model': {'type': 'BPE', 'dropout': None, 'unk_token': None, 'continuing_subword_prefix': '',
+                  'end_of_word_suffix': '', 'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': False,
+                  'vocab': vocab, 'merges': merges}}
+    config = {'tokenizer_class': 'GPT2Tokenizer', 'model_max_length': model_max_length,
+              'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT, 'pad_token': EOT,
+              'add_prefix_space': False, 'add_bos_token': False, 'errors': 'replace',
+              'clean_up_tokenization_spaces': False}  # True would turn ' .' into '.' when decoding
+    files = {'vocab.json': vocab, 'tokenizer.json': tokenizer, 'tokenizer_config.json': config}
+    for name, obj in files.items():
+        with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
+            json.dump(obj, f, ensure_ascii=False, indent=2 if name == 'tokenizer_config.json' else None)
+    with open(os.path.join(out_dir, 'merges.txt'), 'w', encoding='utf-8') as f:
+        f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+    return [*files, 'merges.txt']
 
 
 # ---- tokenizing a text file ----

@@ -4,11 +4,13 @@ Text from a GPT-2 checkpoint, streamed token by token.
     python inference.py --prompt "ROMEO:" --max-new-tokens 100 --temperature 0.7 --top-k 50 --seed 1
 
 The model comes from --checkpoint, else from $GPT2_SHAKESPEARE_MODEL, else from the newest
-logs/**/ckpt.pt that train.py wrote. Any of these may be a train.py checkpoint, a model-only .pt
-(as --export writes; checkpoint.py has both formats), a directory with Hugging Face GPT-2 weights
-(config.json + model.safetensors or pytorch_model.bin), or a Hugging Face Hub model repo id
-(user/repo) holding either. app.py imports load_model() and generate() from here: generation is
-written once.
+logs/**/ckpt.pt that train.py wrote. Any of these may be a train.py checkpoint or run folder, a
+model-only .pt (checkpoint.py has both formats), a directory with Hugging Face GPT-2 weights
+(config.json + model.safetensors or pytorch_model.bin, as --export writes), or a Hugging Face Hub
+model repo id (user/repo) holding either. app.py imports load_model() and generate() from here:
+generation is written once.
+
+    python inference.py --checkpoint logs/run-x --export gpt2-shakespeare   # a Hugging Face model repo
 
 Speed on a CPU: one new token must read every weight once, so batch-1 decoding is bound by memory
 bandwidth, not arithmetic. --precision int8 (the default on CPU) keeps each weight matrix as int8
@@ -51,24 +53,29 @@ def newest_checkpoint(root='logs'):
 
 
 def download_from_hub(repo_id):
-    """Local paths of a Hub repo's weights: model.pt (model-only file) if it has one, else the
-    Hugging Face layout (config.json with model.safetensors or pytorch_model.bin)."""
+    """Local paths of a Hub repo's weights: the Hugging Face layout (config.json with model.safetensors,
+    as --export writes, or pytorch_model.bin), else model.pt (a model-only file). Offline, whichever of
+    them the local cache holds."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    for names in (['model.pt'], ['config.json', 'model.safetensors'], ['config.json', 'pytorch_model.bin']):
+    offline = False
+    for names in (['config.json', 'model.safetensors'], ['config.json', 'pytorch_model.bin'], ['model.pt']):
         try:
             paths = [hf_hub_download(repo_id, name) for name in names]
-        except EntryNotFoundError as e:
-            if not isinstance(e, LocalEntryNotFoundError):
-                continue  # the repo has no such file: try the next layout
-            raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub (offline or unreachable) '
-                                  f'and it is not in the local cache') from None
+        except LocalEntryNotFoundError:  # not in the local cache, and the Hub cannot be asked
+            offline = True
+            continue
+        except EntryNotFoundError:  # the repo has no such file: try the next layout
+            continue
         except Exception as e:  # no such repo, gated repo, ...
             raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub: {type(e).__name__}: '
                                   f'{str(e).splitlines()[0] if str(e) else ""}') from None
         return paths[0] if len(paths) == 1 else os.path.dirname(paths[1])  # both land in one snapshot dir
-    raise CheckpointError(f'{repo_id}: the Hub repo has neither model.pt nor config.json with '
-                          f'model.safetensors or pytorch_model.bin')
+    if offline:
+        raise CheckpointError(f'{repo_id}: cannot download from the Hugging Face Hub (offline or unreachable) '
+                              f'and it is not in the local cache')
+    raise CheckpointError(f'{repo_id}: the Hub repo has neither config.json with model.safetensors or '
+                          f'pytorch_model.bin nor model.pt')
 
 
 def resolve_source(source=None):
@@ -295,10 +302,12 @@ def main(argv=None):
                         help='weights for generation: int8 (weight-only, CPU) or float32; auto: int8 on CPU, float32 elsewhere')
     parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
-    parser.add_argument('--export', metavar='PATH', default=None,
-                        help='write the loaded model as a model-only file (model_args + weights) to PATH and exit')
-    parser.add_argument('--export-dtype', choices=['bfloat16', 'float32'], default='bfloat16',
-                        help='weight dtype of --export (default: bfloat16, half the size of float32)')
+    parser.add_argument('--export', metavar='DIR', default=None,
+                        help='write the loaded model to the folder DIR as a Hugging Face GPT-2 model repo (config.json, '
+                             'model.safetensors, tokenizer, model card, the run\'s metrics.jsonl) and exit; DIR must be '
+                             'new, empty or a previous export. Upload it with `hf upload user/repo DIR`')
+    parser.add_argument('--export-dtype', choices=['float32', 'bfloat16'], default='float32',
+                        help='weight dtype of --export (default: float32; bfloat16 halves the file)')
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error('--max-new-tokens must be >= 0')
@@ -309,16 +318,21 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
+        if args.export:
+            checkpoint.check_export_dir(args.export)  # before a load that may take a while
         device = pick_device(args.device)
         model, info = load_model(args.checkpoint, device)
         if args.export:
-            checkpoint.save_model_only(model, args.export, getattr(torch, args.export_dtype))
+            files = checkpoint.export_hf(model, args.export, info['path'], info['step'],
+                                         getattr(torch, args.export_dtype))
     except (ValueError, CheckpointError) as e:
         sys.exit(f'error: {e}')
-    precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
     if args.export:
-        print(f'wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, {args.export_dtype}) from {info["path"]}')
+        size = sum(os.path.getsize(os.path.join(args.export, name)) for name in files)
+        print(f'wrote {args.export}/ ({", ".join(files)}: {size / 1e6:.1f} MB, {args.export_dtype} weights) '
+              f'from {info["path"]}')
         return
+    precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
     prepare_for_generation(model, precision)
     print(f'# {info["path"]} (step {info["step"]}), {info["params"] / 1e6:.1f}M parameters, {precision}, '
           f'{device}, {torch.get_num_threads()} threads', file=sys.stderr)

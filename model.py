@@ -2,7 +2,8 @@
 GPT-2 as released by OpenAI, in plain PyTorch.
 
 Parameter names follow GPT-2's own checkpoints (transformer.wte, transformer.h.0.attn.c_attn, ...),
-so Hugging Face's GPT-2 weights load onto this model one to one (their Conv1D weights transposed).
+so Hugging Face's GPT-2 weights load onto this model one to one and back (their Conv1D weights
+transposed).
 Used by train.py, inference.py and app.py. The tokenizer is in data.py.
 """
 import contextlib
@@ -17,6 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import GPT2_VOCAB_SIZE
+
+# Hugging Face's GPT-2 keeps these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in)
+HF_CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
 @dataclass
@@ -218,6 +222,21 @@ class GPT(nn.Module):
         # match_rms_adamw scales Muon's orthogonal updates to AdamW's size, so AdamW's rates fit
         return [adamw, torch.optim.Muon(groups['muon'], lr=muon_lr, adjust_lr_fn='match_rms_adamw')]
 
+    def hf_state_dict(self):
+        """The weights as a Hugging Face GPT2LMHeadModel state dict, the reverse of from_hf_state_dict:
+        the Conv1D weights transposed to (in, out), the embedding cut to the tokenizer's 50257 rows and
+        no lm_head.weight (tied to wte: transformers ties it again when it loads)."""
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k == 'lm_head.weight':
+                continue
+            if k.endswith(HF_CONV1D_WEIGHTS):
+                v = v.t()  # (out, in) -> (in, out)
+            if k == 'transformer.wte.weight':
+                v = v[:GPT2_VOCAB_SIZE]  # the padded rows are no tokens
+            sd[k] = v.detach().contiguous()
+        return sd
+
     @classmethod
     def from_hf_state_dict(cls, sd_hf, config=None):
         """A GPT-2 model from a Hugging Face GPT2LMHeadModel state dict (tensors only). Their
@@ -232,7 +251,6 @@ class GPT(nn.Module):
                                n_head=max(1, n_embd // 64), n_embd=n_embd)
         model = cls(config)
         sd = model.state_dict()
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
         for k in sd:
             if k == 'lm_head.weight':
                 continue  # tied to wte
@@ -240,7 +258,7 @@ class GPT(nn.Module):
             if name not in sd_hf:
                 raise KeyError(f'missing tensor in the Hugging Face state dict: {name}')
             src = sd_hf[name]
-            if name.endswith(transposed):
+            if name.endswith(HF_CONV1D_WEIGHTS):
                 src = src.t()
             with torch.no_grad():
                 if name == 'wte.weight':

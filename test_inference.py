@@ -1,23 +1,16 @@
 """inference.py: loading every kind of checkpoint, sampling, the KV cache against the uncached
 reference, streaming text, int8 weights and the command line. Tiny random models: seconds, no network."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, TINY_CONFIG as TINY, tiny_checkpoint
+from conftest import TINY_CONFIG as TINY, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
 from inference import (CheckpointError, Int8Linear, generate, generate_ids, load_model, newest_checkpoint,
                        prepare_for_generation, resolve_source, sample_next, stream_text)
 from model import GPT
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'inference.py'), *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 # ---- loading ----
@@ -93,7 +86,7 @@ def test_hub_repo_id_without_network_is_a_clear_error(monkeypatch, tmp_path):
         load_model('someone/no-such-model')
 
 
-def test_export_writes_a_small_model_only_file(tmp_path):
+def test_model_only_file_in_bfloat16_is_small_and_loads(tmp_path):
     ref = tiny_checkpoint(tmp_path / 'ckpt.pt')
     model, _ = load_model(str(tmp_path / 'ckpt.pt'))
     checkpoint.save_model_only(model, str(tmp_path / 'model.pt'))
@@ -252,7 +245,11 @@ def test_cli_help_and_export(tmp_path):
     for option in ('--checkpoint', '--prompt', '--max-new-tokens', '--temperature', '--top-k', '--top-p', '--seed',
                    '--stop-at-eot', '--precision', '--export', 'GPT2_SHAKESPEARE_MODEL'):
         assert option in help_text
-    tiny_checkpoint(tmp_path / 'ckpt.pt')
-    r = run_cli('--checkpoint', str(tmp_path / 'ckpt.pt'), '--export', str(tmp_path / 'model.pt'))
-    assert r.returncode == 0 and 'wrote' in r.stdout
-    assert load_model(str(tmp_path / 'model.pt'))[1]['path'] == str(tmp_path / 'model.pt')
+    ref = tiny_checkpoint(tmp_path / 'ckpt.pt')
+    r = run_cli('--checkpoint', str(tmp_path / 'ckpt.pt'), '--export', str(tmp_path / 'export'))
+    assert r.returncode == 0 and r.stdout.startswith(f'wrote {tmp_path / "export"}/ (') and 'float32' in r.stdout
+    model, info = load_model(str(tmp_path / 'export'))  # a Hugging Face folder (test_export.py has the rest)
+    assert info['path'] == str(tmp_path / 'export')
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], ref(idx)[0], rtol=0, atol=1e-5)

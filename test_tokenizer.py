@@ -1,25 +1,11 @@
 """The offline GPT-2 tokenizer and train.py's streamed, cached tokenizing of a text file."""
-import os
 import shutil
-import socket
 
 import numpy as np
-import pytest
 
 from data import gpt2_tokenizer, load_tokens, tokenize_file
 
 from conftest import INPUT
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """Any attempt to reach the network fails, and tiktoken's download cache is empty."""
-    def refuse(*args, **kwargs):
-        raise OSError('network disabled by the test')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket, 'create_connection', refuse)
-    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
-    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty-cache'))
 
 
 def test_input_txt_is_338025_tokens_with_no_network(no_network, tmp_path):
