@@ -341,7 +341,7 @@ def test_app_under_load_answers_or_refuses_every_request(server, monkeypatch):
                 'huge prompt': f'prompt cropped to its last {app.MAX_PROMPT_CHARS} characters',
                 'huge max tokens': f'max tokens capped at {app.MAX_NEW_TOKENS}'}.get(kind, '')
             ok = (refusal is None or kind == 'huge max tokens') and text.startswith(args[0][-app.MAX_PROMPT_CHARS:]) \
-                and status.startswith(f'{n} tokens in ') and note in status
+                and status.startswith(f'{app.tokens(n)} in ') and note in status
             outcomes.append((kind, 'answered' if ok else 'wrong', time.time() - t0, f'{status} | {text[:80]!r}'))
 
     threads = [threading.Thread(target=send, args=(c, random.Random(rng.random())), daemon=True) for c in clients]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import checkpoint
-from conftest import TINY_ARGS, children, logged_steps, runs, wait_until
+from conftest import ROOT, TINY_ARGS, children, logged_steps, runs, wait_until
 
 # one micro-step of 4 x 32 tokens per process
 DDP = [*TINY_ARGS, '--lr', '1e-2', '--data-tokens', '3000', '--total-batch-tokens', '256', '--lr-decay-steps', '20']
