@@ -38,9 +38,9 @@ from data import DataError, load_splits
 from model import GPT, GPTConfig, autocast, free_memory, measure_micro_step, pick_device
 
 # a 7.2M-parameter model on the play's first 1,025 tokens: the whole pipeline in minutes on a CPU
-WALKTHROUGH = ('python train.py --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 8 '
-               '--total-batch-tokens 1024 --data-tokens 1025 --lr 1e-2 --warmup-steps 10 '
-               '--max-steps 400 --device cpu')
+WALKTHROUGH = ('python train.py --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 '
+               '--batch-size 8 --total-batch-tokens 1024 --data-tokens 1025 --lr 1e-2 '
+               '--warmup-steps 10 --max-steps 400 --device cpu')
 
 
 class TrainError(Exception):
@@ -61,7 +61,8 @@ def build_parser():
     a('--data-tokens', type=int, default=0, help='use only the first N tokens of the data (0: all)')
     a('--val-fraction', type=float, default=0.0, help='hold out this last fraction of the tokens '
       'as a validation split (0: train on the whole text)')
-    a('--out-dir', help='a new folder for train.log, metrics.jsonl and ckpt.pt (None: logs/run-<time>)')
+    a('--out-dir', help='a new folder for train.log, metrics.jsonl and ckpt.pt (None: '
+      'logs/run-<time>)')
     a('--resume', nargs='?', const='', default=None, metavar='CKPT', help='continue from this '
       'checkpoint (bare --resume: <out-dir>/ckpt.pt) with its saved settings; flags given now '
       'override them')
@@ -256,7 +257,8 @@ class Progress:
     left, rewritten in place on a terminal (a new line every 30 s elsewhere); never in train.log."""
 
     def __init__(self, what, total, active=True):
-        self.what, self.total, self.active, self.t0, self.shown = what, total, active, time.time(), None
+        self.what, self.total, self.active = what, total, active
+        self.t0, self.shown = time.time(), None
 
     def update(self, done):
         elapsed, every = time.time() - self.t0, 1 if sys.stderr.isatty() else 30
@@ -325,7 +327,7 @@ def make_model(args, rt, resumed, scaler, muon_lr, n_windows):
 
 
 def compile_and_wrap(raw_model, args, rt):
-    """What runs forward: the model, compiled on CUDA (unless --no-compile), in DDP under torchrun."""
+    """What runs forward: the model, compiled on CUDA (unless --no-compile), in DDP if torchrun."""
     model = raw_model
     if rt.compile and args.compile_mode == 'blocks':
         for block in raw_model.transformer.h:
@@ -355,11 +357,11 @@ def fit_micro_batch(args, rt, model, windows, B):
     if B == 16 and step_s < 30:
         return B, None
     memory = '' if need is None else f' (about {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free)'
-    return B, (f'notice: on this {rt.device_type.upper()} one sequence takes {seconds:.1f} s forward '
-               f'and backward: a step about {step_s / 60:.1f} min, a pass over the text '
-               f'{seconds * windows.n / rt.world / 60:.0f} min; micro-batch {B}{memory}. A GPU trains '
-               f'GPT-2 124M in minutes; to see the whole pipeline here first, run the walk-through: '
-               f'{WALKTHROUGH}')
+    pass_min = seconds * windows.n / rt.world / 60
+    return B, (f'notice: on this {rt.device_type.upper()} one sequence takes {seconds:.1f} s '
+               f'forward and backward: a step about {step_s / 60:.1f} min, a pass over the text '
+               f'{pass_min:.0f} min; micro-batch {B}{memory}. A GPU trains GPT-2 124M in minutes; '
+               f'to see the whole pipeline here first, run the walk-through: {WALKTHROUGH}')
 
 
 # ---- the run ----
@@ -408,8 +410,8 @@ def train(argv, t_start):
     # ---- logging ----
     log = checkpoint.RunLog(args.out_dir, run.step, rt.master)
     log.header(argv, vars(args), raw_model, commit, rt, f'{data_line} | step: '
-               f'{args.total_batch_tokens:,} tokens = {B} x {T} x {grad_accum} micro-steps x {world} '
-               f'process(es)')
+               f'{args.total_batch_tokens:,} tokens = {B} x {T} x {grad_accum} micro-steps x '
+               f'{world} process(es)')
     if notice:
         log(notice)
     if resumed:
@@ -539,8 +541,8 @@ def main(argv=None):
     except (DataError, CheckpointError) as e:
         raise TrainError(str(e)) from None
     except (torch.OutOfMemoryError, MemoryError) as e:
-        raise TrainError(f'out of memory ({type(e).__name__}): give a smaller --batch-size; gradient '
-                         f'accumulation keeps the tokens per step') from None
+        raise TrainError(f'out of memory ({type(e).__name__}): give a smaller --batch-size; '
+                         f'gradient accumulation keeps the tokens per step') from None
     except RuntimeError as e:
         if out_of_memory(e):
             raise TrainError(f'out of memory ({out_of_memory(e)}): give a smaller --batch-size; '
@@ -560,7 +562,7 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         status = main()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is saved: a late Ctrl-C changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is saved: a late Ctrl-C is moot
         sys.exit(status)
     except TrainError as e:
         print(f'error: {e}', file=sys.stderr)
