@@ -108,6 +108,10 @@ def save_atomic(obj, path):
             os.remove(tmp)
         raise
     except (OSError, RuntimeError) as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # torch.save wraps one raised in a write
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise KeyboardInterrupt from None
         os_error = e if isinstance(e, OSError) else e.__context__  # torch.save wraps the OSError
         if isinstance(os_error, OSError) and os_error.strerror:
             reason = os_error.strerror
