@@ -428,7 +428,7 @@ def train(argv, t_start):
     def stopped(when):  # the line that ends a run stopped by a signal, after its checkpoint
         log(f'stopped by a signal {when}; checkpoint after {run.step} steps: {ckpt_path} (continue '
             f'with --resume {ckpt_path})')
-        return 128 + signals[0]  # the shell's code for death by that signal
+        return 128 + (signals[0] if signals else signal.SIGTERM)  # the shell's code for it
 
     # Ctrl-C or SIGTERM stops the run within a micro-step, with a checkpoint; a second one at once
     signals = []
@@ -494,7 +494,8 @@ def train(argv, t_start):
                 log(f'whole-text loss after step {step}: {whole_loss:.6f} (target '
                     f'{args.target_loss})')
             next_target_eval = step + args.target_cooldown
-        if args.eval_interval and (step + 1) % args.eval_interval == 0 and not halt():
+        stopping = stop or (not rt.ddp and halt())  # DDP processes only act on the agreed stop
+        if args.eval_interval and (step + 1) % args.eval_interval == 0 and not stopping:
             if whole_loss is None:
                 row['whole_loss'] = evaluate(raw_model, train_windows, B, ctx, rt.rank, world)
             line = f'eval after step {step} | whole-text loss: {row["whole_loss"]:.6f}'
@@ -505,10 +506,12 @@ def train(argv, t_start):
         log.row(row)
         if whole_loss is not None and whole_loss < args.target_loss:
             break
+        if not rt.ddp:  # a signal during the evaluations too (DDP keeps the stop it agreed on)
+            stop = stop or halt()
         interval = args.checkpoint_interval
-        if stop or halt() or interval and run.step % interval == 0 and run.step < args.max_steps:
+        if stop or interval and run.step % interval == 0 and run.step < args.max_steps:
             save()
-        if stop or halt():
+        if stop:
             return stopped(f'after step {step}')
 
     # ---- the end ----
