@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig, device_name, pick_device
+from model import GPT, GPTConfig
+from runtime import device_name, pick_device
 
 # dense bf16 (fp16 on T4) tensor-core peaks from the vendors' datasheets, TFLOP/s
 DATASHEET_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}

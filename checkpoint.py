@@ -37,7 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, write_hf_tokenizer
-from model import GPT, GPTConfig, device_name
+from model import GPT, GPTConfig
+from runtime import device_name
 
 
 class CheckpointError(Exception):

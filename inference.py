@@ -37,7 +37,8 @@ import torch.nn.functional as F
 import checkpoint
 from checkpoint import CheckpointError
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
-from model import GPT, GPTConfig, KVCache, pick_device
+from model import GPT, GPTConfig, KVCache
+from runtime import pick_device
 
 MODEL_ENV_VAR = 'GPT2_SHAKESPEARE_MODEL'  # a path or a Hub repo id, for the CLI, the app and a Space
 HOW_TO_GET_A_MODEL = (f'train one with `python train.py` (it writes logs/<run>/ckpt.pt), or point at one '

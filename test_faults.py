@@ -279,7 +279,7 @@ def test_tampered_tokenizer_ranks_file_is_refused(tmp_path):
     lines[1000], lines[1001] = a + b' ' + rb, b + b' ' + ra
     repo = tmp_path / 'repo'
     repo.mkdir()
-    for name in ('train.py', 'model.py', 'data.py', 'checkpoint.py'):
+    for name in ('train.py', 'model.py', 'data.py', 'checkpoint.py', 'runtime.py'):
         shutil.copy(os.path.join(ROOT, name), repo)
     (repo / 'gpt2.tiktoken').write_bytes(b'\n'.join(lines) + b'\n')
     with pytest.raises(ValueError, match='is not the GPT-2 ranks file'):

@@ -20,6 +20,7 @@ import torch
 
 import checkpoint
 import data as data_module
+import runtime
 import train
 from conftest import INPUT, ROOT, TINY_ARGS, steps
 from model import GPT, GPTConfig
@@ -179,6 +180,7 @@ def test_two_process_torchrun_matches_one_process(data, tmp_path):
 
 GLOO_PEER_DIES = """
 import os, torch, torch.distributed as dist
+import runtime
 import train
 dist.init_process_group('gloo')
 t = torch.ones(1)
@@ -188,13 +190,13 @@ if dist.get_rank() == 1:
 try:
     dist.all_reduce(t)
 except Exception as e:
-    print('reason:', train.collective_failure(e), '| other errors:', train.collective_failure(RuntimeError('x')), flush=True)
+    print('reason:', runtime.collective_failure(e), '| other errors:', runtime.collective_failure(RuntimeError('x')), flush=True)
 os._exit(0)
 """
 
 
 def test_a_real_gloo_failure_is_recognised(tmp_path):
-    """Gloo reports a dead peer as a plain RuntimeError; train.collective_failure tells it apart by its
+    """Gloo reports a dead peer as a plain RuntimeError; runtime.collective_failure tells it apart by its
     message. If a new torch words it otherwise, this fails (and train.py would print a traceback)."""
     script = tmp_path / 'gloo_peer_dies.py'
     script.write_text(GLOO_PEER_DIES)

@@ -15,18 +15,11 @@ import time
 T_START = time.time()  # wall time counts from here: imports, tokenizing and compiling included
 
 import argparse
-import contextlib
 import datetime
-import json
 import math
 import os
-import platform
-import re
-import shlex
 import signal
-import subprocess
 import sys
-from collections import namedtuple
 
 import torch
 import torch.distributed as dist
@@ -35,13 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from checkpoint import CheckpointError, RunState
 from data import DataError, load_splits
-from model import GPT, GPTConfig, autocast, free_memory, measure_micro_step, pick_device
-
-# a 7.2M-parameter model on the play's first 1,025 tokens: the whole pipeline in minutes on a CPU
-WALKTHROUGH = ('python train.py --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 '
-               '--batch-size 8 --total-batch-tokens 1024 --data-tokens 1025 --lr 1e-2 '
-               '--warmup-steps 10 --max-steps 400 --device cpu')
-
+from model import GPT, GPTConfig
+from runtime import Progress, collective_failure, fit_micro_batch, out_of_memory, setup_runtime
 
 class TrainError(Exception):
     """Bad input or a failed run: reported as one line `error: ...` with exit status 1."""
@@ -147,60 +135,6 @@ def parse_args(argv):
     return args, resumed
 
 
-# ---- runtime: processes, device, dtype ----
-
-Runtime = namedtuple('Runtime', 'ddp rank local_rank world device device_type dtype autocast '
-                                 'compile master')
-
-
-def setup_runtime(args):
-    """How this process runs (a Runtime): its rank among all processes and on its machine, the
-    device and dtype; joins the other processes when torchrun started this one."""
-    ddp = 'RANK' in os.environ  # set by torchrun
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    kind = device.split(':')[0]
-    if kind == 'cuda':
-        if ddp:
-            device = f'cuda:{local_rank}'
-        elif ':' not in device:
-            device = 'cuda:0'  # torch.cuda.set_device wants an index
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision('high')  # TF32 matmuls for whatever runs in float32
-    if ddp:
-        # the timeout bounds every collective: a process that hangs fails the run, not stalls it
-        dist.init_process_group('nccl' if kind == 'cuda' else 'gloo',
-                                device_id=torch.device(device) if kind == 'cuda' else None,
-                                timeout=datetime.timedelta(seconds=args.ddp_timeout))
-    dtype, ctx = autocast(device, args.dtype)
-    use_compile = kind == 'cuda' if args.compile is None else args.compile
-    return Runtime(ddp, rank, local_rank, world, device, kind, dtype, ctx, use_compile,
-                   rank == 0)
-
-
-def collective_failure(error):
-    """Why another process died or hung in a collective, if `error` says so; else None. NCCL raises
-    DistError, Gloo a RuntimeError whose message starts '[.../gloo/...cc:537]': only the message
-    tells, so test_train.py checks this on a real Gloo failure."""
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    location = re.match(r'\[[^\]]*/gloo/[^\]]*\]\s*', first)
-    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and location)):
-        return None
-    return first[location.end() if location else 0:].split('. ')[0]
-
-
-def out_of_memory(error):
-    """What a failed CPU allocation says, or None for any other error. torch raises a plain
-    RuntimeError there: only its message tells, and test_train.py checks it on a real one."""
-    found = re.search(r"DefaultCPUAllocator: can't allocate memory[^.]*", str(error))
-    return found.group(0) if isinstance(error, RuntimeError) and found else None
-
-
 def load_data(args, rt):
     """(training windows, validation windows or None, a line for the log) of --data."""
     if rt.local_rank != 0:  # one process per machine tokenizes first; the others find its cache
@@ -250,31 +184,6 @@ def evaluate(model, windows, batch_size, ctx, rank=0, world=1, stopped=None):
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
-
-
-class Progress:
-    """Where work that takes long is: after 10 s, a line on stderr with the part done and the time
-    left, rewritten in place on a terminal (a new line every 30 s elsewhere); never in train.log."""
-
-    def __init__(self, what, total, active=True):
-        self.what, self.total, self.active = what, total, active
-        self.t0, self.shown = time.time(), None
-
-    def update(self, done):
-        elapsed, every = time.time() - self.t0, 1 if sys.stderr.isatty() else 30
-        if not self.active or elapsed < 10 or done >= self.total:
-            return
-        if self.shown is not None and elapsed - self.shown < every:
-            return
-        self.shown = elapsed
-        left = elapsed / done * (self.total - done)
-        line = f'{self.what} {done}/{self.total}, {elapsed:.0f} s, about {left:.0f} s left'
-        sys.stderr.write(f'\r{line}\033[K' if every == 1 else f'{line}\n')
-        sys.stderr.flush()
-
-    def close(self):
-        if self.shown is not None and sys.stderr.isatty():
-            sys.stderr.write('\r\033[K')  # the step line takes its place
 
 
 def train_step(model, params, optimizers, scaler, batches, grad_clip, ctx, ddp, stopped, progress):
@@ -340,35 +249,14 @@ def compile_and_wrap(raw_model, args, rt):
     return model
 
 
-def fit_micro_batch(args, rt, model, windows, B):
-    """On a CPU or Apple GPU: (micro-batch, a notice for the log or None). One sequence's forward
-    and backward is measured; the micro-batch halves until what training still has to allocate fits
-    in the free memory (gradient accumulation keeps the step's tokens), and a slow run says so."""
-    seconds, grown = measure_micro_step(model, *windows.get(0, 1), rt.autocast)
-    free, weights = free_memory(), model.num_params() * 4
-    need = None
-    if grown and free:
-        per_sequence = max(grown - weights, 1)  # the first backward also allocated the gradients
-        need = 3 * weights + B * per_sequence  # + gradients and AdamW's two moments
-        while B % 2 == 0 and need > 0.6 * free:  # 0.6: allocators keep more than a step holds
-            B //= 2
-            need = 3 * weights + B * per_sequence
-    step_s = seconds * args.total_batch_tokens / args.block_size / rt.world
-    if B == 16 and step_s < 30:
-        return B, None
-    memory = '' if need is None else f' (about {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free)'
-    pass_min = seconds * windows.n / rt.world / 60
-    return B, (f'notice: on this {rt.device_type.upper()} one sequence takes {seconds:.1f} s '
-               f'forward and backward: a step about {step_s / 60:.1f} min, a pass over the text '
-               f'{pass_min:.0f} min; micro-batch {B}{memory}. A GPU trains GPT-2 124M in minutes; '
-               f'to see the whole pipeline here first, run the walk-through: {WALKTHROUGH}')
-
-
 # ---- the run ----
 
 def train(argv, t_start):
     args, resumed = parse_args(argv)
-    rt = setup_runtime(args)
+    try:
+        rt = setup_runtime(args)
+    except ValueError as e:  # a device this torch cannot use
+        raise TrainError(str(e)) from None
     ctx = rt.autocast
     # float16 gradients underflow unless the loss is scaled up first
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')

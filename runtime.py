@@ -1,0 +1,232 @@
+"""
+Where a run runs, and what it costs there: the device (picked once for train.py, inference.py and
+bench.py), autocast, the processes torchrun started, memory and time measured before a run on a CPU,
+progress on long work, and the failures only a message can tell apart.
+"""
+import contextlib
+import datetime
+import os
+import platform
+import re
+import sys
+import time
+from collections import namedtuple
+
+import torch
+import torch.distributed as dist
+
+
+# ---- the device ----
+
+def pick_device(name='auto'):
+    """'auto' -> 'cuda' if there is a CUDA GPU, else 'mps' on an Apple GPU, else 'cpu'. Any other
+    name is checked: ValueError (one line) when this torch cannot use that device."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        return 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = name.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {name}, but this torch sees no CUDA GPU')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'--device {name}, but MPS is not available')
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f'--device {name}: not a device (auto, cpu, cuda, cuda:N or mps)')
+    return name
+
+
+def autocast(device, dtype='auto'):
+    """(dtype name, the autocast context for it) on a device. auto: bfloat16 on a CUDA GPU that has
+    it, float16 on an older one (a T4: train with a GradScaler), float32 (no autocast) elsewhere."""
+    kind = device.split(':')[0]
+    if dtype == 'auto' and kind == 'cuda':
+        dtype = 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
+    elif dtype == 'auto':
+        dtype = 'float32'
+    if dtype == 'float32':
+        return dtype, contextlib.nullcontext()
+    return dtype, torch.autocast(kind, dtype=getattr(torch, dtype))
+
+
+def device_name(device):
+    """What a log says the run ran on: the GPU's name, or the CPU's and its core count."""
+    kind = device.split(':')[0]
+    if kind == 'cuda':
+        return torch.cuda.get_device_name(device)
+    if kind == 'mps':
+        return 'Apple MPS'
+    return f'CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)'
+
+
+# ---- what a run costs on this machine ----
+
+def peak_memory(reset=False):
+    """This process's peak resident memory in bytes (None where it cannot be read). reset: start a
+    new peak from now (Linux; elsewhere the peak since the process started)."""
+    if os.path.exists('/proc/self/clear_refs'):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            if reset:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')  # resets VmHWM, the peak resident set
+            with open('/proc/self/status') as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == 'Darwin' else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+def free_memory():
+    """Bytes of memory this process may still take: Linux's MemAvailable (within a container's
+    cgroup limit and the process's data limit), else half the physical memory; None if unknown."""
+    free = None
+    with contextlib.suppress(OSError, ValueError):
+        with open('/proc/meminfo') as f:
+            free = next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith('MemAvailable:'))
+    with contextlib.suppress(OSError, ValueError):
+        with open('/sys/fs/cgroup/memory.max') as f:
+            limit = f.read().strip()
+        with open('/sys/fs/cgroup/memory.current') as f:
+            used = int(f.read())
+        if limit != 'max' and (free is None or int(limit) - used < free):
+            free = int(limit) - used
+    if free is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            free = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2
+    with contextlib.suppress(ImportError, OSError, ValueError, StopIteration):  # ulimit -d
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+        with open('/proc/self/status') as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmData:'))
+        if limit != resource.RLIM_INFINITY and (free is None or limit - used < free):
+            free = limit - used
+    return free
+
+
+def measure_micro_step(model, x, y, ctx):
+    """(seconds, bytes) that one forward and backward of the batch x, y took: time, and the growth
+    of the peak resident memory (the gradients, allocated once, and the batch's activations). The
+    gradients are cleared and the random state restored afterwards, so training goes on as if this
+    had not run."""
+    rng = torch.get_rng_state()
+    before = peak_memory(reset=True)
+    t0 = time.perf_counter()
+    with ctx:
+        _, loss = model(x, y)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    grown = None if before is None else peak_memory() - before
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    return seconds, grown
+
+
+# ---- the processes ----
+
+Runtime = namedtuple('Runtime', 'ddp rank local_rank world device device_type dtype autocast '
+                                 'compile master')
+
+
+def setup_runtime(args):
+    """How this process runs (a Runtime): its rank among all processes and on its machine, the
+    device and dtype; joins the other processes when torchrun started this one."""
+    ddp = 'RANK' in os.environ  # set by torchrun
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    device = pick_device(args.device)  # ValueError: a device this torch cannot use
+    kind = device.split(':')[0]
+    if kind == 'cuda':
+        if ddp:
+            device = f'cuda:{local_rank}'
+        elif ':' not in device:
+            device = 'cuda:0'  # torch.cuda.set_device wants an index
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision('high')  # TF32 matmuls for whatever runs in float32
+    if ddp:
+        # the timeout bounds every collective: a process that hangs fails the run, not stalls it
+        dist.init_process_group('nccl' if kind == 'cuda' else 'gloo',
+                                device_id=torch.device(device) if kind == 'cuda' else None,
+                                timeout=datetime.timedelta(seconds=args.ddp_timeout))
+    dtype, ctx = autocast(device, args.dtype)
+    use_compile = kind == 'cuda' if args.compile is None else args.compile
+    return Runtime(ddp, rank, local_rank, world, device, kind, dtype, ctx, use_compile,
+                   rank == 0)
+
+
+def collective_failure(error):
+    """Why another process died or hung in a collective, if `error` says so; else None. NCCL raises
+    DistError, Gloo a RuntimeError whose message starts '[.../gloo/...cc:537]': only the message
+    tells, so test_train.py checks this on a real Gloo failure."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    location = re.match(r'\[[^\]]*/gloo/[^\]]*\]\s*', first)
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and location)):
+        return None
+    return first[location.end() if location else 0:].split('. ')[0]
+
+
+def out_of_memory(error):
+    """What a failed CPU allocation says, or None for any other error. torch raises a plain
+    RuntimeError there: only its message tells, and test_train.py checks it on a real one."""
+    found = re.search(r"DefaultCPUAllocator: can't allocate memory[^.]*", str(error))
+    return found.group(0) if isinstance(error, RuntimeError) and found else None
+
+
+# ---- a slow machine ----
+
+# a 7.2M-parameter model on the play's first 1,025 tokens: the whole pipeline in minutes on a CPU
+WALKTHROUGH = ('python train.py --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 '
+               '--batch-size 8 --total-batch-tokens 1024 --data-tokens 1025 --lr 1e-2 '
+               '--warmup-steps 10 --max-steps 400 --device cpu')
+
+
+def fit_micro_batch(args, rt, model, windows, B):
+    """On a CPU or Apple GPU: (micro-batch, a notice for the log or None). One sequence's forward
+    and backward is measured; the micro-batch halves until what training still has to allocate fits
+    in the free memory (gradient accumulation keeps the step's tokens), and a slow run says so."""
+    seconds, grown = measure_micro_step(model, *windows.get(0, 1), rt.autocast)
+    free, weights = free_memory(), model.num_params() * 4
+    need = None
+    if grown and free:
+        per_sequence = max(grown - weights, 1)  # the first backward also allocated the gradients
+        need = 3 * weights + B * per_sequence  # + gradients and AdamW's two moments
+        while B % 2 == 0 and need > 0.6 * free:  # 0.6: allocators keep more than a step holds
+            B //= 2
+            need = 3 * weights + B * per_sequence
+    step_s = seconds * args.total_batch_tokens / args.block_size / rt.world
+    if B == 16 and step_s < 30:
+        return B, None
+    memory = '' if need is None else f' (about {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free)'
+    pass_min = seconds * windows.n / rt.world / 60
+    return B, (f'notice: on this {rt.device_type.upper()} one sequence takes {seconds:.1f} s '
+               f'forward and backward: a step about {step_s / 60:.1f} min, a pass over the text '
+               f'{pass_min:.0f} min; micro-batch {B}{memory}. A GPU trains GPT-2 124M in minutes; '
+               f'to see the whole pipeline here first, run the walk-through: {WALKTHROUGH}')
+
+
+class Progress:
+    """Where work that takes long is: after 10 s, a line on stderr with the part done and the time
+    left, rewritten in place on a terminal (a new line every 30 s elsewhere); never in train.log."""
+
+    def __init__(self, what, total, active=True):
+        self.what, self.total, self.active = what, total, active
+        self.t0, self.shown = time.time(), None
+
+    def update(self, done):
+        elapsed, every = time.time() - self.t0, 1 if sys.stderr.isatty() else 30
+        if not self.active or elapsed < 10 or done >= self.total:
+            return
+        if self.shown is not None and elapsed - self.shown < every:
+            return
+        self.shown = elapsed
+        left = elapsed / done * (self.total - done)
+        line = f'{self.what} {done}/{self.total}, {elapsed:.0f} s, about {left:.0f} s left'
+        sys.stderr.write(f'\r{line}\033[K' if every == 1 else f'{line}\n')
+        sys.stderr.flush()
+
+    def close(self):
+        if self.shown is not None and sys.stderr.isatty():
+            sys.stderr.write('\r\033[K')  # the step line takes its place
