@@ -343,7 +343,8 @@ def train(argv, t_start):
         # this process's share of each micro-step: B windows out of B x world
         starts = [run.position + (i * world + rt.rank) * B for i in range(grad_accum)]
         batches = [train_windows.get(start, B) for start in starts]
-        rng = None if rt.ddp else checkpoint.rng_state()  # what to save if this step is cut short
+        # what to save if this step is cut short: only dropout draws random numbers in a step
+        rng = checkpoint.rng_state() if args.dropout and not rt.ddp else None
         progress = Progress(f'step {step}: micro-step', grad_accum, rt.master)
         result = train_step(model, params, optimizers, scaler, batches, args.grad_clip, ctx, rt.ddp,
                             halt, progress)
