@@ -1,18 +1,26 @@
 """
-Generation benchmark on the CPU: inference.py against Hugging Face transformers' GPT-2, side by side
-in one process, on the same GPT-2 124M weights, thread count and sampling settings.
+Generation benchmark on the CPU, measured against the machine's own limit. Decoding one token reads
+every weight once, and the KV cache of the context so far, so at batch 1 memory bandwidth bounds the
+speed: at most bandwidth / bytes-per-token tokens/s. This script measures the read bandwidth, then
+runs inference.py at each weight precision and Hugging Face transformers' GPT-2 side by side in one
+process, on the same GPT-2 124M weights, thread count and sampling settings, and gives per row:
 
-    python bench_inference.py                            # prompts of 16 and 512 tokens, 100 new tokens
-    python bench_inference.py --threads 2 --repeats 5 --prompt-lens 16 512 1000
+- first-token latency: the prompt pass and the first sample;
+- decode tokens/s: every later token;
+- bytes read per decode token (weights, and the KV cache at the mean context) and the fraction of
+  the bandwidth bound that the decode speed reaches;
+- for inference.py, where a decode token's time goes: the weight matmuls alone, attention over the
+  cache at the mean context, sampling, and the rest (Python and the small ops between them).
+
+    python bench_inference.py --threads 2 --repeats 5 --quality-checkpoint logs/run-x
 
 Both sides get batch 1, a prompt cut from input.txt, temperature 0.7 and top-k 50, and must produce
-exactly --new-tokens tokens (transformers is held to it with min_new_tokens). tokens/s counts the new
-tokens over the whole call, the prompt pass included. Each repeat runs every side once, in turn, so
-that a noisy moment of the machine hits them alike; the table gives the median.
-
-Also measures what int8 weights cost in accuracy: the next-token distributions of the float32 and
-int8 models after the same prompts (agreement of the likeliest token, KL divergence, largest logit
-error). Prints a table and writes it under logs/.
+exactly --new-tokens tokens (transformers is held to it with min_new_tokens). Each repeat runs every
+side and the bandwidth measurement once, in turn, so that a noisy moment of the machine hits them
+alike; the table gives medians. The weights are transformers' random init: speed does not depend on
+their values. What a lower precision costs in quality does, so --quality-checkpoint measures it on a
+trained model, over the text that model was trained on: its loss, how often its likeliest next token
+is float32's, and the KL divergence of its next-token distribution from float32's.
 """
 import argparse
 import os
@@ -23,107 +31,269 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from inference import generate_ids, prepare_for_generation
-from data import GPT2_VOCAB_SIZE, gpt2_tokenizer
-from model import GPT
+import checkpoint
+from data import GPT2_VOCAB_SIZE, Windows, gpt2_tokenizer, load_tokens
+from inference import PRECISIONS, QuantizedLinear, generate_ids, load_model, prepare_for_generation, sample_next
+from model import GPT, KVCache
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--threads', type=int, default=None, help='torch CPU threads for both sides (default: torch\'s choice)')
 parser.add_argument('--prompt-lens', type=int, nargs='+', default=[16, 512], help='prompt lengths in tokens')
-parser.add_argument('--new-tokens', type=int, default=100, help='tokens to generate per call')
+parser.add_argument('--new-tokens', type=int, default=100, help='tokens to generate per call (at least 2)')
 parser.add_argument('--repeats', type=int, default=3, help='timed calls per side and prompt (after one warm-up)')
-parser.add_argument('--precisions', nargs='+', default=['int8', 'float32'], choices=['int8', 'float32'],
-                    help="inference.py's weight precisions to time")
-parser.add_argument('--accuracy-prompts', type=int, default=32, help='prompts for the int8 accuracy check (0: skip)')
+parser.add_argument('--precisions', nargs='+', default=['int8', 'int4', 'float32'], choices=list(PRECISIONS),
+                    help="inference.py's weight precisions to time and, with --quality-checkpoint, to judge")
+parser.add_argument('--quality-checkpoint', default=None, metavar='PATH',
+                    help='a trained model (anything inference.py loads) to measure what each lower precision costs')
+parser.add_argument('--quality-tokens', type=int, default=16384,
+                    help='at most this many tokens of the trained model\'s text to judge on (default: 16384)')
 parser.add_argument('--n-layer', type=int, default=12, help='model size (default: GPT-2 124M)')
 parser.add_argument('--n-head', type=int, default=12)
 parser.add_argument('--n-embd', type=int, default=768)
 parser.add_argument('--out', default=os.path.join('logs', 'bench_inference_cpu.md'), help='table file')
 args = parser.parse_args()
+if args.new_tokens < 2:
+    parser.error('--new-tokens must be at least 2: decode speed is measured after the first token')
 if args.threads:
     torch.set_num_threads(args.threads)
 
 from transformers import GPT2Config, GPT2LMHeadModel, __version__ as transformers_version  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+
+# ---- the machine's read bandwidth ----
+
+def read_bandwidth(x):
+    """Bytes/s of one sum over x: a read of every byte, as an ideal decode step does, with the
+    threads torch uses. x is far larger than any cache."""
+    t0 = time.perf_counter()
+    x.sum()
+    return x.numel() * x.element_size() / (time.perf_counter() - t0)
+
+
+# ---- what a decode step must read ----
+
+def decode_bytes(model, context):
+    """Bytes one decode step reads with `context` positions in the KV cache: every weight once, but
+    one row of each embedding table (float32's lm_head is wte itself: counted as lm_head)."""
+    tensors = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        if not name.startswith(('transformer.wte.', 'transformer.wpe.')):
+            tensors[t.data_ptr()] = t.numel() * t.element_size()
+    c = model.config
+    return sum(tensors.values()) + 2 * c.n_layer * c.n_embd * context * 4  # keys and values, float32
+
+
+# ---- where a decode step's time goes ----
+
+def median_seconds(fn, repeats=9):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_parts(model, context):
+    """Seconds per decode token of its parts, each run alone back to back: the weight matmuls of one
+    position (the same kernels on the same weights), attention of one query over `context` cached
+    positions in every layer, and one top-k 50 sample; and attention over a bfloat16 cache, which
+    would read half the bytes."""
+    c = model.config
+    linears = [m for block in model.transformer.h
+               for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    linears.append(model.lm_head)
+    x = {n: torch.randn(1, n) for n in (c.n_embd, 4 * c.n_embd)}
+    x_bf16 = {n: v.bfloat16() for n, v in x.items()}
+
+    def matmuls():
+        for m in linears:
+            if isinstance(m, QuantizedLinear):
+                m.matmul(x_bf16[m.in_features])  # the kernel alone, without the bias and the casts
+            else:
+                F.linear(x[m.in_features], m.weight, m.bias)
+
+    caches = {dtype: KVCache(c, 1, context, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    q = torch.randn(1, c.n_head, 1, c.n_embd // c.n_head)
+
+    def attention(dtype):
+        cache = caches[dtype]
+        for layer in range(c.n_layer):
+            F.scaled_dot_product_attention(q.to(dtype), cache.k[layer], cache.v[layer]).float()
+
+    logits = torch.randn(c.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        return {'weight matmuls': median_seconds(matmuls),
+                'attention': median_seconds(lambda: attention(torch.float32)),
+                'sampling': median_seconds(lambda: sample_next(logits, 0.7, 50, None, generator), 50),
+                'attention, bfloat16 cache': median_seconds(lambda: attention(torch.bfloat16))}
+
 
 # ---- the same weights on both sides ----
+
 torch.manual_seed(0)
 # GPT-2 at transformers' own random init: no download here, and speed does not depend on the values
 hf = GPT2LMHeadModel(GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).eval()
 hf.generation_config.pad_token_id = hf.config.eos_token_id
 ours = {p: prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval(), p) for p in args.precisions}
+hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - hf.transformer.wpe.weight.numel() * 4
 ids = gpt2_tokenizer().encode_ordinary(open('input.txt', encoding='utf-8').read()[:20_000])
 
 
-def run_ours(model, prompt):
-    return len(list(generate_ids(model, prompt, args.new_tokens, temperature=0.7, top_k=50, seed=1)))
+class Stamps(BaseStreamer):
+    """transformers' streamer hook, used as a clock: the time of every put (the prompt, then each new token)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
 @torch.inference_mode()
 def run_hf(prompt):
-    x = torch.tensor([prompt])
-    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
-                      min_new_tokens=args.new_tokens, do_sample=True, temperature=0.7, top_k=50, use_cache=True)
-    return out.size(1) - x.size(1)
+    """(first-token seconds, decode tokens/s, new tokens) of one transformers call."""
+    x, stamps = torch.tensor([prompt]), Stamps()
+    t0 = time.perf_counter()
+    hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                do_sample=True, temperature=0.7, top_k=50, use_cache=True, streamer=stamps)
+    t = stamps.times[1:]  # the first put is the prompt
+    return t[0] - t0, (len(t) - 1) / (t[-1] - t[0]), len(t)
 
 
-sides = [('transformers GPT2LMHeadModel.generate (fp32)', run_hf)] + \
-        [(f'inference.py ({p} weights, KV cache)', lambda prompt, m=ours[p]: run_ours(m, prompt)) for p in args.precisions]
-rows = []
+def run_ours(model, prompt):
+    """(first-token seconds, decode tokens/s, new tokens) of one inference.py call."""
+    t0, t = time.perf_counter(), []
+    for _ in generate_ids(model, prompt, args.new_tokens, temperature=0.7, top_k=50, seed=1):
+        t.append(time.perf_counter())
+    return t[0] - t0, (len(t) - 1) / (t[-1] - t[0]), len(t)
+
+
+# ---- the timed runs ----
+
+sides = [('transformers GPT2LMHeadModel.generate (float32)', run_hf, hf_bytes)]
+sides += [(f'inference.py ({p} weights)', lambda prompt, m=ours[p]: run_ours(m, prompt), decode_bytes(ours[p], 0))
+          for p in args.precisions]
+probe = torch.ones(1 << 27)  # 512 MiB of float32
+rows, bandwidths = [], []
 for n_prompt in args.prompt_lens:
     prompt = ids[:n_prompt]
-    times = {name: [] for name, _ in sides}
+    runs = {name: [] for name, _, _ in sides}
     for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
-        for name, fn in sides:
-            t0 = time.perf_counter()
-            made = fn(prompt)
-            dt = time.perf_counter() - t0
+        bandwidth = read_bandwidth(probe)
+        for name, fn, _ in sides:
+            first, rate, made = fn(prompt)
             assert made == args.new_tokens, f'{name} made {made} tokens, not {args.new_tokens}'
             if rep:
-                times[name].append(dt)
-    base = statistics.median(times[sides[0][0]])
-    for name, _ in sides:
-        t = statistics.median(times[name])
-        rows.append((name, n_prompt, t, args.new_tokens / t, base / t))
-        print(f'{name:50s} prompt {n_prompt:4d}: {t:.3f} s, {args.new_tokens / t:7.1f} tokens/s, x{base / t:.2f}', flush=True)
+                runs[name].append((first, rate))
+        if rep:
+            bandwidths.append(bandwidth)
+    context = n_prompt + args.new_tokens // 2  # the mean number of cached positions while decoding
+    kv = 2 * args.n_layer * args.n_embd * context * 4
+    for name, _, weights in sides:
+        first = statistics.median(f for f, _ in runs[name])
+        rate = statistics.median(r for _, r in runs[name])
+        rows.append((name, n_prompt, first, rate, weights + kv))
+        print(f'{name:50s} prompt {n_prompt:4d}: first token {first * 1e3:6.1f} ms, decode {rate:6.1f} tokens/s, '
+              f'{(weights + kv) / 1e6:.1f} MB/token', flush=True)
+bandwidth = statistics.median(bandwidths)
+print(f'read bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)})')
+del probe
 
-# ---- what int8 costs: next-token distributions of float32 and int8 after the same prompts ----
-accuracy = None
-if args.accuracy_prompts:
-    fp32 = prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval())
-    int8 = ours['int8'] if 'int8' in ours else prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval(), 'int8')
-    same, kls, errs = 0, [], []
-    with torch.inference_mode():
-        for i in range(args.accuracy_prompts):
-            x = torch.tensor([ids[i * 97:i * 97 + 64]])
-            a = fp32(x)[0][0, -1, :GPT2_VOCAB_SIZE]
-            b = int8(x)[0][0, -1, :GPT2_VOCAB_SIZE]
-            same += int(a.argmax() == b.argmax())
-            kls.append(F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction='sum').item())
-            errs.append(((a - b).abs().max() / a.std()).item())
-    accuracy = (same, args.accuracy_prompts, statistics.mean(kls), max(errs))
+parts = {}
+for p in args.precisions:
+    for n_prompt in args.prompt_lens:
+        parts[p, n_prompt] = decode_parts(ours[p], n_prompt + args.new_tokens // 2)
+
+
+# ---- what a lower precision costs, on a trained model ----
+
+@torch.inference_mode()
+def quality(path):
+    """{precision: (loss, top-1 agreement with float32, mean KL from float32)} over the text the
+    model at path was trained on (its checkpoint's data and data_tokens; input.txt otherwise), at
+    most --quality-tokens tokens; and that number of tokens."""
+    ref, info = load_model(path)
+    config = checkpoint.load(info['path'], mmap=True).get('config') or {} if os.path.isfile(info['path']) else {}
+    tokens = load_tokens(config.get('data') or 'input.txt')
+    n = min(len(tokens), config.get('data_tokens') or len(tokens), args.quality_tokens)
+    windows = Windows(tokens[:n], ref.config.block_size, 'cpu')
+    x, y = windows.get(0, windows.n, wrap=False)
+    keep = y != -1
+
+    def log_probs(model):
+        return torch.cat([F.log_softmax(model(x[i:i + 8])[0][..., :GPT2_VOCAB_SIZE].float(), -1)
+                          for i in range(0, len(x), 8)])[keep]  # (targets, vocab)
+
+    base = log_probs(ref)
+    results = {}
+    for p in args.precisions:
+        lp = base if p == 'float32' else log_probs(prepare_for_generation(load_model(path)[0].eval(), p))
+        loss = F.nll_loss(lp, y[keep]).item()
+        agree = (lp.argmax(-1) == base.argmax(-1)).float().mean().item()
+        kl = F.kl_div(lp, base, log_target=True, reduction='batchmean').item()  # KL(float32 || p)
+        results[p] = (loss, agree, kl)
+    return results, int(keep.sum())
+
+
+judged = quality(args.quality_checkpoint) if args.quality_checkpoint else None
+
 
 # ---- the table ----
+
 try:
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
+                           text=True).stdout.strip()
 except OSError:
-    commit = ''
+    commit, dirty = '', ''
 cpu = platform.processor() or platform.machine()
 with open('/proc/cpuinfo') if os.path.exists('/proc/cpuinfo') else open(os.devnull) as f:
     cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+int8_bound = {n: bandwidth / b for name, n, _, _, b in rows if name == 'inference.py (int8 weights)'}
 lines = [f'# bench_inference.py on {cpu}', '',
          f'command: `{" ".join(["python", "bench_inference.py", *sys.argv[1:]])}`  ',
-         f'commit {commit or "?"}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, python '
-         f'{platform.python_version()}, torch {torch.__version__}, transformers {transformers_version}  ',
-         f'GPT-2 {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M (random init, seed 0, the same weights on both sides), batch 1, {args.new_tokens} new tokens, '
-         f'temperature 0.7, top-k 50, median of {args.repeats} calls after one warm-up; tokens/s includes the prompt pass',
-         '', '| implementation | prompt tokens | s per call | new tokens/s | vs transformers |', '|---|---|---|---|---|']
-lines += [f'| {name} | {n} | {t:.3f} | {tps:.1f} | {x:.2f}x |' for name, n, t, tps, x in rows]
-if accuracy:
-    same, n, kl, err = accuracy
-    lines += ['', f'int8 against float32 weights, next token after {n} prompts of 64 tokens: the same likeliest token '
-                  f'{same}/{n} times, mean KL divergence {kl:.2e} nats, largest logit error {err:.3f} logit std.']
+         f'commit {commit or "?"}{" (with uncommitted changes)" if dirty else ""}, {os.cpu_count()} CPU cores, '
+         f'{torch.get_num_threads()} torch threads, python {platform.python_version()}, torch {torch.__version__}, '
+         f'transformers {transformers_version}  ',
+         f'GPT-2 {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M (random init, seed 0, the same weights on every '
+         f'side), batch 1, {args.new_tokens} new tokens, temperature 0.7, top-k 50, median of {args.repeats} calls '
+         f'after one warm-up  ',
+         f'read bandwidth: **{bandwidth / 1e9:.1f} GB/s** (a sum over 512 MiB, median of {len(bandwidths)}, taken '
+         f'between the calls). Bound = bandwidth / bytes per decode token (weights + float32 KV cache at the mean '
+         f'context, prompt + {args.new_tokens // 2}).', '',
+         '| implementation | prompt tokens | first token (ms) | decode tokens/s | MB per token | bound tokens/s '
+         '| of its bound | of the int8 bound |', '|---|---|---|---|---|---|---|---|']
+for name, n, first, rate, b in rows:
+    of_int8 = f'{rate / int8_bound[n]:.0%}' if n in int8_bound else '-'
+    lines.append(f'| {name} | {n} | {first * 1e3:.1f} | {rate:.1f} | {b / 1e6:.1f} | {bandwidth / b:.0f} '
+                 f'| {rate / (bandwidth / b):.0%} | {of_int8} |')
+lines += ['', 'Where a decode token of inference.py goes (ms; each part run alone, back to back; the rest is '
+              'the Python and the small ops between them: LayerNorm, GELU, casts, bias adds, the cache writes):', '',
+          '| weights | prompt tokens | decode ms/token | weight matmuls | their read rate GB/s | attention '
+          '| sampling | the rest | attention with a bfloat16 cache |', '|---|---|---|---|---|---|---|---|---|']
+for (p, n), t in parts.items():
+    rate = next(r for name, m, _, r, _ in rows if name == f'inference.py ({p} weights)' and m == n)
+    rest = 1 / rate - t['weight matmuls'] - t['attention'] - t['sampling']
+    lines.append(f'| {p} | {n} | {1e3 / rate:.2f} | {t["weight matmuls"] * 1e3:.2f} '
+                 f'| {decode_bytes(ours[p], 0) / t["weight matmuls"] / 1e9:.1f} | {t["attention"] * 1e3:.2f} '
+                 f'| {t["sampling"] * 1e3:.2f} | {rest * 1e3:.2f} | {t["attention, bfloat16 cache"] * 1e3:.2f} |')
+if judged:
+    results, n = judged
+    lines += ['', f'What each precision costs on a trained model: `{args.quality_checkpoint}`, its next-token '
+                  f'predictions at the {n} positions of the text it was trained on (the loss is the mean cross-entropy '
+                  f'there; agreement: the same likeliest token as float32; KL: from float32, nats per position):', '',
+              '| weights | loss | top-1 agreement with float32 | mean KL from float32 |', '|---|---|---|---|']
+    lines += [f'| {p} | {loss:.6f} | {agree:.2%} | {kl:.2e} |' for p, (loss, agree, kl) in results.items()]
 table = '\n'.join(lines) + '\n'
 print('\n' + table)
 os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)

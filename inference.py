@@ -13,12 +13,13 @@ generation is written once.
     python inference.py --checkpoint logs/run-x --export gpt2-shakespeare   # a Hugging Face model repo
 
 Speed on a CPU: one new token must read every weight once, so batch-1 decoding is bound by memory
-bandwidth, not arithmetic. --precision int8 (the default on CPU) keeps each weight matrix as int8
-with one scale per output row (a quarter of the fp32 bytes) and multiplies with bf16 activations in
-torch's _weight_int8pack_mm kernel; the prompt, which is arithmetic-bound, goes through a matmul on
-the dequantized weights, in bf16 where the CPU has bf16 instructions. A preallocated KV cache
-(model.py) makes each new token cost one position, and the vocabulary projection runs on the last
-position only.
+bandwidth, not arithmetic (bench_inference.py measures how close it comes). --precision int8 (the
+default on CPU) keeps each weight matrix as int8 with one scale per output row (a quarter of the fp32
+bytes) and multiplies with bf16 activations in torch's _weight_int8pack_mm kernel; the prompt, which
+is arithmetic-bound, goes through a matmul on the dequantized weights, in bf16 where the CPU has bf16
+instructions. --precision int4 halves the bytes again (a scale and an offset per 32 weights), at a
+cost in accuracy that README gives. A preallocated KV cache (model.py) makes each new token cost one
+position, and the vocabulary projection runs on the last position only.
 """
 import argparse
 import codecs
@@ -132,6 +133,8 @@ def load_model(source=None, device='cpu'):
 
 # ---- fast CPU weights ----
 
+INT4_GROUP_SIZE = 32  # inputs per int4 scale and offset
+
 @functools.cache
 def prompt_matmul_dtype():
     """The faster dtype for a long prompt's matmuls on this CPU: bfloat16 runs several times faster
@@ -149,46 +152,90 @@ def prompt_matmul_dtype():
     return min(seconds, key=seconds.get)
 
 
-class Int8Linear(nn.Module):
-    """nn.Linear with weight-only int8 quantization: one scale per output row, w ~ w_int8 * scale."""
+class QuantizedLinear(nn.Module):
+    """nn.Linear with weight-only quantized weights, for generation (no gradients). A decoding step
+    (a few rows) multiplies in torch's quantized-weight kernel with bf16 activations, reading a
+    quarter (int8) or an eighth (int4) of the float32 bytes; the subclasses say how the weight is
+    stored. The bias stays float32, and so does the output."""
 
     def __init__(self, linear):
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]))  # (M, in) -> (M, out)
+        y = y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 -> fp32
+        return y.view(*shape[:-1], -1)
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights with one scale per output row: w ~ w_int8 * scale."""
+
+    def __init__(self, linear):
+        super().__init__(linear)
         self.prompt_dtype = prompt_matmul_dtype()
         w = linear.weight.detach().float()
         # the kernel takes bf16 scales: round them first, then quantize against the rounded scale
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16()
         self.register_buffer('weight', torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer('scale', scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+    def matmul(self, x):
         if x.size(0) <= 32:
             # decoding: memory-bound, read 1 byte per weight. (M, in) bf16 @ int8 (out, in)^T -> (M, out)
-            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
-        else:
-            # a long prompt: arithmetic-bound, so a GEMM on the dequantized weight (bf16 where the CPU has bf16
-            # instructions: the activations are rounded to bf16 on the decoding path above too)
-            w = self.weight.to(self.prompt_dtype) * self.scale.to(self.prompt_dtype)[:, None]
-            y = F.linear(x.to(self.prompt_dtype), w)
-        y = y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 -> fp32
-        return y.view(*shape[:-1], -1)
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
+        # a long prompt: arithmetic-bound, where a GEMM on the dequantized weight runs faster than the
+        # kernel (bf16 where the CPU has bf16 instructions: decoding rounds the activations to bf16 too)
+        w = self.weight.to(self.prompt_dtype) * self.scale.to(self.prompt_dtype)[:, None]
+        return F.linear(x.to(self.prompt_dtype), w)
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit weights with a scale and an offset per group of group_size inputs of each output row:
+    w ~ (q - 8) * scale + zero, q in 0..15, packed two to a byte in the layout of torch's CPU kernel,
+    which serves prompts as well (a 512-token prompt costs about 1.7 times the int8 path's GEMM)."""
+
+    def __init__(self, linear, group_size=INT4_GROUP_SIZE):
+        super().__init__(linear)
+        w = linear.weight.detach().float()
+        n_out, n_in = w.shape
+        if n_in % group_size:
+            raise ValueError(f'int4: {n_in} inputs do not split into groups of {group_size}')
+        self.group_size = group_size
+        w = w.view(n_out, n_in // group_size, group_size)
+        lo, hi = w.amin(dim=2), w.amax(dim=2)  # (out, groups)
+        # the kernel takes bf16 scales and offsets: round them first, then quantize against them
+        scale = ((hi - lo).clamp(min=1e-12) / 15).bfloat16().float()
+        zero = (lo + 8 * scale).bfloat16().float()
+        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32)
+        self.register_buffer('weight', torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n_out, n_in), 1))
+        # (groups, out, 2): the kernel's layout of the scales and offsets
+        self.register_buffer('scale_zero', torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().bfloat16())
+
+    def matmul(self, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, self.group_size,
+                                                            self.scale_zero)
+
+
+PRECISIONS = {'float32': None, 'int8': Int8Linear, 'int4': Int4Linear}
 
 
 def prepare_for_generation(model, precision='float32'):
-    """Make model (in place) a generation model: with precision 'int8', the weight-only int8 linears
-    above in every block and the head (float32: as it is). Returns model."""
-    if precision == 'int8':
-        if next(model.parameters()).device.type != 'cpu':
-            raise ValueError('precision int8 is for the CPU; use float32 on other devices')
-        for block in model.transformer.h:
-            block.attn.c_attn, block.attn.c_proj = Int8Linear(block.attn.c_attn), Int8Linear(block.attn.c_proj)
-            block.mlp.c_fc, block.mlp.c_proj = Int8Linear(block.mlp.c_fc), Int8Linear(block.mlp.c_proj)
-        model.lm_head = Int8Linear(model.lm_head)  # wte keeps the fp32 table for the embedding lookup
-    elif precision != 'float32':
-        raise ValueError(f'unknown precision {precision!r}: float32 or int8')
+    """Make model (in place) a generation model: with precision 'int8' or 'int4', the quantized
+    linears above in every block and the head (float32: as it is). Returns model."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}: {", ".join(PRECISIONS)}')
+    quantized = PRECISIONS[precision]
+    if quantized is None:
+        return model
+    if next(model.parameters()).device.type != 'cpu':
+        raise ValueError(f'precision {precision} is for the CPU; use float32 on other devices')
+    for block in model.transformer.h:
+        block.attn.c_attn, block.attn.c_proj = quantized(block.attn.c_attn), quantized(block.attn.c_proj)
+        block.mlp.c_fc, block.mlp.c_proj = quantized(block.mlp.c_fc), quantized(block.mlp.c_proj)
+    model.lm_head = quantized(model.lm_head)  # wte keeps the fp32 table for the embedding lookup
     return model
 
 
@@ -199,10 +246,10 @@ def sample_next(logits, temperature=0.7, top_k=None, top_p=None, generator=None)
     logits = logits[:GPT2_VOCAB_SIZE].float()  # the padded ids are no tokens: never sampled
     if temperature <= 0:
         return int(torch.argmax(logits))  # greedy
-    probs = F.softmax(logits / temperature, dim=-1)
-    ids = None  # probs[i] is the probability of token ids[i] (of token i while ids is None)
-    if top_k is not None and 0 < top_k < probs.size(0):
-        probs, ids = torch.topk(probs, top_k)  # sorted, most likely first
+    ids = None  # logits[i] and probs[i] are token ids[i]'s (token i's while ids is None)
+    if top_k is not None and 0 < top_k < logits.size(0):
+        logits, ids = torch.topk(logits, top_k)  # sorted, most likely first
+    probs = F.softmax(logits / temperature, dim=-1)  # with top-k: over those k, and top-p acts on these
     if top_p is not None and 0 < top_p < 1:
         # nucleus: the smallest set of most likely tokens whose probability adds up to top_p
         if ids is None:
@@ -299,8 +346,9 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=None, help='random seed: the same seed gives the same text (default: random)')
     parser.add_argument('--stop-at-eot', action='store_true', help='stop at the first <|endoftext|> token')
     parser.add_argument('--no-cache', action='store_true', help='recompute the whole context for every token (slow; for checking)')
-    parser.add_argument('--precision', choices=['auto', 'float32', 'int8'], default='auto',
-                        help='weights for generation: int8 (weight-only, CPU) or float32; auto: int8 on CPU, float32 elsewhere')
+    parser.add_argument('--precision', choices=['auto', *PRECISIONS], default='auto',
+                        help='weights for generation: int8 or int4 (weight-only, CPU; int4 is faster and less exact: '
+                             'README has its measured cost) or float32; auto: int8 on CPU, float32 elsewhere')
     parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--export', metavar='DIR', default=None,
@@ -326,6 +374,9 @@ def main(argv=None):
         if args.export:
             files = checkpoint.export_hf(model, args.export, info['path'], info['step'],
                                          getattr(torch, args.export_dtype))
+        else:
+            precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
+            prepare_for_generation(model, precision)
     except (ValueError, CheckpointError) as e:
         sys.exit(f'error: {e}')
     if args.export:
@@ -333,8 +384,6 @@ def main(argv=None):
         print(f'wrote {args.export}/ ({", ".join(files)}: {size / 1e6:.1f} MB, {args.export_dtype} weights) '
               f'from {info["path"]}')
         return
-    precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
-    prepare_for_generation(model, precision)
     print(f'# {info["path"]} (step {info["step"]}), {info["params"] / 1e6:.1f}M parameters, {precision}, '
           f'{device}, {torch.get_num_threads()} threads', file=sys.stderr)
     t0, n = time.perf_counter(), 0

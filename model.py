@@ -45,6 +45,15 @@ class KVCache:
     def max_len(self):
         return self.k.size(3)
 
+    def update(self, layer, k, v):
+        """Store the keys and values (B, nh, T, hs) of the next T positions of a layer; return the
+        layer's keys and values of every position so far, (B, nh, pos + T, hs)."""
+        B, T = k.size(0), k.size(2)
+        keys, values = self.k[layer, :B], self.v[layer, :B]
+        keys[:, :, self.pos:self.pos + T] = k
+        values[:, :, self.pos:self.pos + T] = v
+        return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
+
 
 class CausalSelfAttention(nn.Module):
 
@@ -61,23 +70,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # (B, T, 3C) -> (3, B, nh, T, hs): q, k and v, heads apart
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None or cache.pos == 0:
             if cache is not None:  # first call: the whole prompt, store it for the next ones
-                cache.k[layer, :B, :, :T] = k
-                cache.v[layer, :B, :, :T] = v
+                cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             # later calls: the new positions see every cached one and, among themselves, the earlier
             p = cache.pos
-            cache.k[layer, :B, :, p:p + T] = k
-            cache.v[layer, :B, :, p:p + T] = v
-            k, v = cache.k[layer, :B, :, :p + T], cache.v[layer, :B, :, :p + T]
+            k, v = cache.update(layer, k, v)
             mask = None
             if T > 1:  # row i (absolute position p + i) may look at columns 0 .. p + i
                 mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)

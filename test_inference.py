@@ -1,5 +1,6 @@
 """inference.py: loading every kind of checkpoint, sampling, the KV cache against the uncached
-reference, streaming text, int8 weights and the command line. Tiny random models: seconds, no network."""
+reference, streaming text, int8 and int4 weights and the command line. Tiny random models: seconds, no network."""
+import copy
 import os
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 import checkpoint
 from conftest import TINY_CONFIG as TINY, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
-from inference import (CheckpointError, Int8Linear, generate, generate_ids, load_model, newest_checkpoint,
-                       prepare_for_generation, resolve_source, sample_next, stream_text)
-from model import GPT
+from inference import (INT4_GROUP_SIZE, CheckpointError, Int4Linear, Int8Linear, generate, generate_ids, load_model,
+                       newest_checkpoint, prepare_for_generation, resolve_source, sample_next, stream_text)
+from model import GPT, GPTConfig
 
 
 # ---- loading ----
@@ -202,26 +203,58 @@ def test_streaming_never_splits_a_character():
     assert out == b''.join(enc.decode_single_token_bytes(t) for t in ids).decode('utf-8', errors='replace')
 
 
-def test_int8_weights_stay_close_to_float32():
+def on_the_int4_grid(out_features, in_features, group=INT4_GROUP_SIZE):
+    """A weight that int4 stores exactly: per group, (q - 8) * scale + offset with q in 0..15 (0 and
+    15 both present, so the group's range gives back the scale and offset) and bf16 scale and offset."""
+    groups = in_features // group
+    q = torch.randint(0, 16, (out_features, groups, group))
+    q[..., 0], q[..., 1] = 0, 15
+    scale = (torch.rand(out_features, groups, 1) * 0.01 + 0.001).bfloat16().float()
+    zero = (torch.randn(out_features, groups, 1) * 0.01).bfloat16().float()
+    return ((q - 8) * scale + zero).view(out_features, in_features)
+
+
+@pytest.mark.parametrize('cls', [Int8Linear, Int4Linear])
+def test_quantized_linear_multiplies_its_weights(cls):
+    """Weights its format stores exactly come back exactly: the output differs from float32 only by the
+    bf16 rounding of the activations and the kernel's output (under 1%). A wrong scale, offset or
+    packing layout gives errors of the size of the weights themselves."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 384)
-    q = Int8Linear(linear)
-    for rows in (1, 3, 40):  # the decode kernel and the prompt path
+    with torch.no_grad():
+        if cls is Int4Linear:
+            linear.weight.copy_(on_the_int4_grid(384, 256))
+        else:  # int8: integers times a bf16 scale per row, the row's largest exactly 127 of them
+            w = torch.randint(-127, 128, (384, 256)).float()
+            w[:, 0] = 127
+            linear.weight.copy_(w * (torch.rand(384, 1) * 0.001).bfloat16().float())
+    q = cls(linear)
+    for rows in (1, 3, 40):  # decoding and, for int8, the prompt path's GEMM on the dequantized weight
         x = torch.randn(rows, 256)
         with torch.no_grad():
             ref = linear(x)
         err = (q(x) - ref).abs().max() / ref.abs().max()
-        assert err < 0.02, (rows, err)
+        assert err < 0.01, (rows, err)
+
+
+@pytest.mark.parametrize('precision, tolerance', [('int8', 0.05), ('int4', 0.25)])
+def test_quantized_model_stays_close_to_float32_and_never_samples_a_padded_id(precision, tolerance):
     torch.manual_seed(0)
-    fp32 = prepare_for_generation(GPT(TINY).eval())
-    torch.manual_seed(0)
-    int8 = prepare_for_generation(GPT(TINY).eval(), 'int8')
+    fp32 = GPT(TINY).eval()
+    with torch.no_grad():  # the padded ids made tempting: their logits would be the largest
+        fp32.transformer.wte.weight[GPT2_VOCAB_SIZE:] = torch.randn(TINY.vocab_size - GPT2_VOCAB_SIZE, TINY.n_embd)
+    quantized = prepare_for_generation(copy.deepcopy(fp32), precision)
     idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 40))
     with torch.no_grad():
-        a, b = fp32(idx)[0][0, -1, :GPT2_VOCAB_SIZE], int8(idx)[0][0, -1, :GPT2_VOCAB_SIZE]
-    assert a.shape == b.shape == (GPT2_VOCAB_SIZE,)  # the last position only
-    assert (a - b).abs().max() < 0.05 * a.abs().max()
-    assert len(list(generate_ids(int8, idx[0].tolist(), 10, seed=0))) == 10
+        a, b = fp32(idx)[0][0, -1], quantized(idx)[0][0, -1]
+        c = quantized(idx, last_only=True)[0][0, -1]
+    assert torch.isneginf(b[GPT2_VOCAB_SIZE:]).all()
+    a, b, c = a[:GPT2_VOCAB_SIZE], b[:GPT2_VOCAB_SIZE], c[:GPT2_VOCAB_SIZE]
+    assert (a - b).abs().max() < tolerance * a.abs().max()
+    # the last position alone (the decode kernel; int8's 40 rows took the prompt GEMM): bf16 rounding apart
+    torch.testing.assert_close(c, b, rtol=0, atol=0.01 * a.abs().max().item())
+    ids = list(generate_ids(quantized, idx[0].tolist(), 30, temperature=2.0, seed=0))
+    assert len(ids) == 30 and max(ids) < GPT2_VOCAB_SIZE
 
 
 # ---- command line ----
@@ -233,6 +266,13 @@ def test_cli_streams_reproducible_text_and_rejects_bad_input(tmp_path):
     a, b = run_cli(*args), run_cli(*args, '--precision', 'float32')
     assert a.returncode == 0 and a.stdout.startswith('ROMEO:') and len(a.stdout) > len('ROMEO:') + 5
     assert a.stdout == run_cli(*args).stdout and b.returncode == 0
+    c = run_cli(*args, '--precision', 'int4')
+    assert c.returncode == 0 and c.stdout.startswith('ROMEO:') and ', int4, cpu' in c.stderr
+    # a width that int4's groups of 32 do not divide: one line, not a traceback
+    checkpoint.save_model_only(GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=48)),
+                               str(tmp_path / 'odd.pt'), torch.float32)
+    odd = run_cli('--checkpoint', str(tmp_path / 'odd.pt'), '--precision', 'int4')
+    assert odd.returncode == 1 and odd.stderr == 'error: int4: 48 inputs do not split into groups of 32\n'
     bad = run_cli('--checkpoint', str(tmp_path / 'ckpt.pt'), '--max-new-tokens', '-1')
     assert bad.returncode == 2 and '--max-new-tokens must be >= 0' in bad.stderr and 'Traceback' not in bad.stderr
     missing = run_cli(env={'GPT2_SHAKESPEARE_MODEL': str(tmp_path / 'nope.pt')})
