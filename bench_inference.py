@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 import checkpoint
 from data import GPT2_VOCAB_SIZE, Windows, gpt2_tokenizer, load_tokens
-from inference import PRECISIONS, QuantizedLinear, generate_ids, load_model, prepare_for_generation, sample_next
+from inference import (INT4_GROUP_SIZE, PRECISIONS, QuantizedLinear, generate_ids, load_model, prepare_for_generation,
+                       sample_next)
 from model import GPT, KVCache
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,12 +237,16 @@ def quality(path):
 
     base = log_probs(ref)
     results = {}
-    for p in args.precisions:
-        lp = base if p == 'float32' else log_probs(prepare_for_generation(load_model(path)[0].eval(), p))
+    # int4 also with larger groups than inference.py's (fewer bytes per weight, less accuracy)
+    variants = [(p, INT4_GROUP_SIZE) for p in args.precisions]
+    variants += [('int4', g) for g in (2 * INT4_GROUP_SIZE, 4 * INT4_GROUP_SIZE)
+                 if 'int4' in args.precisions and ref.config.n_embd % g == 0]
+    for p, group in variants:
+        lp = base if p == 'float32' else log_probs(prepare_for_generation(load_model(path)[0].eval(), p, group))
         loss = F.nll_loss(lp, y[keep]).item()
         agree = (lp.argmax(-1) == base.argmax(-1)).float().mean().item()
         kl = F.kl_div(lp, base, log_target=True, reduction='batchmean').item()  # KL(float32 || p)
-        results[p] = (loss, agree, kl)
+        results[p if group == INT4_GROUP_SIZE else f'{p}, groups of {group}'] = (loss, agree, kl)
     return results, int(keep.sum())
 
 

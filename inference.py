@@ -133,7 +133,10 @@ def load_model(source=None, device='cpu'):
 
 # ---- fast CPU weights ----
 
-INT4_GROUP_SIZE = 32  # inputs per int4 scale and offset
+# inputs per int4 scale and offset: groups of 64 and 128 change more of a trained model's likeliest
+# tokens (logs/bench_inference_cpu.md has the walk-through model's figures)
+INT4_GROUP_SIZE = 32
+
 
 @functools.cache
 def prompt_matmul_dtype():
@@ -222,7 +225,7 @@ class Int4Linear(QuantizedLinear):
 PRECISIONS = {'float32': None, 'int8': Int8Linear, 'int4': Int4Linear}
 
 
-def prepare_for_generation(model, precision='float32'):
+def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE):
     """Make model (in place) a generation model: with precision 'int8' or 'int4', the quantized
     linears above in every block and the head (float32: as it is). Returns model."""
     if precision not in PRECISIONS:
@@ -230,6 +233,8 @@ def prepare_for_generation(model, precision='float32'):
     quantized = PRECISIONS[precision]
     if quantized is None:
         return model
+    if quantized is Int4Linear:
+        quantized = functools.partial(Int4Linear, group_size=int4_group_size)
     if next(model.parameters()).device.type != 'cpu':
         raise ValueError(f'precision {precision} is for the CPU; use float32 on other devices')
     for block in model.transformer.h:
