@@ -11,12 +11,9 @@ The weights' keys never carry torch.compile's '_orig_mod.' or DDP's 'module.' pr
 checkpoint, train.log holds every line a run printed and metrics.jsonl one JSON row per step
 (RunLog below); app.py plots those rows.
 
-And the way a model leaves the project: export_hf() writes a folder that is a Hugging Face GPT-2
-model repo (config.json, model.safetensors, the tokenizer, a model card), which transformers, the Hub,
-inference.py and app.py load.
+How a model leaves the project, as a Hugging Face model repo, is in export.py.
 """
 import contextlib
-import glob
 import json
 import math
 import os
@@ -25,18 +22,12 @@ import platform
 import random
 import re
 import shlex
-import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from data import EOT_TOKEN, GPT2_VOCAB_SIZE, write_hf_tokenizer
 from model import GPT, GPTConfig
 from runtime import device_name
 
@@ -152,7 +143,7 @@ def save_training(path, model, optimizers, scaler, run, config, probe, ctx, rng=
 
 def save_model_only(model, path, dtype=torch.bfloat16):
     """A model-only file (model_args + weights); bf16 halves its size. Models leave the project as
-    export_hf() folders now; this is the format's writer, which the tests use."""
+    export.py's folders now; this is the format's writer, which the tests use."""
     converted = {}  # wte and lm_head share one tensor: convert and store it once
     sd = {k: converted.setdefault(v.data_ptr(), v.detach().to('cpu', dtype)) for k, v in model.state_dict().items()}
     save_atomic(dict(zip(MODEL_ONLY_KEYS, (asdict(model.config), sd))), path)
@@ -311,191 +302,3 @@ def git_commit():
         return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True,
                               text=True, timeout=10, cwd=here).stdout.strip() or 'unknown'
     return 'unknown'
-
-
-# ---- the Hugging Face export ----
-
-# what transformers' generate() and pipeline() do unless told otherwise: the app's defaults (app.py)
-GENERATION_CONFIG = {'do_sample': True, 'temperature': 0.7, 'top_k': 50, 'max_new_tokens': 100,
-                     'bos_token_id': EOT_TOKEN, 'eos_token_id': EOT_TOKEN, 'pad_token_id': EOT_TOKEN}
-EXPORT_MARK = '<!-- written by gpt2-shakespeare: python inference.py --export -->'  # in README.md
-EXPORT_FILES = {'config.json', 'model.safetensors', 'generation_config.json', 'vocab.json', 'merges.txt',
-                'tokenizer.json', 'tokenizer_config.json', 'README.md', 'metrics.jsonl'}  # and *.png
-
-
-def hf_config(config, dtype):
-    """config.json of a transformers GPT2LMHeadModel with the shape of our GPTConfig."""
-    return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE,
-            'n_positions': config.block_size, 'n_layer': config.n_layer, 'n_head': config.n_head,
-            'n_embd': config.n_embd, 'n_inner': None, 'activation_function': 'gelu_new',
-            'layer_norm_epsilon': 1e-5, 'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0,
-            'bos_token_id': EOT_TOKEN, 'eos_token_id': EOT_TOKEN, 'tie_word_embeddings': True,
-            'scale_attn_weights': True, 'use_cache': True, 'dtype': str(dtype).removeprefix('torch.')}
-
-
-def check_export_dir(out_dir):
-    """CheckpointError unless out_dir is free for an export: missing, empty, or a previous export
-    (nothing but the files an export writes, and its model card's mark): never someone's data."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CheckpointError(f'--export {out_dir}: that is a file; give a folder (new, empty or a previous '
-                              f'export)')
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    others = sorted(n for n in names if n not in EXPORT_FILES and not n.endswith('.png'))
-    readme = Path(out_dir, 'README.md')
-    marked = readme.is_file() and EXPORT_MARK in readme.read_text(encoding='utf-8', errors='replace')
-    if others or (names and not marked):
-        why = f'it holds {others[0]}' if others else "its README.md is not an export's model card"
-        raise CheckpointError(f'--export {out_dir}: the folder is neither empty nor a previous export ({why}); '
-                              f'give a new or empty folder')
-
-
-def export_hf(model, out_dir, source, step=None, dtype=torch.float32):
-    """Write model to the folder out_dir as a Hugging Face GPT-2 model repo: config.json,
-    model.safetensors (no pickle), generation_config.json, the tokenizer (data.write_hf_tokenizer), a
-    model card README.md (from the run's train.log when there is one beside source, the checkpoint file
-    or folder the model came from) and the metrics.jsonl and *.png beside source. The folder is written
-    beside out_dir and renamed into place: a failed export leaves out_dir as it was. Returns the file
-    names."""
-    if not model.config.bias:
-        raise CheckpointError("--export: GPT-2's Hugging Face layout has biases, this model has none")
-    check_export_dir(out_dir)
-    run_dir = source if os.path.isdir(source) else os.path.dirname(source)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = None
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out_dir))}.', dir=parent)
-        sd = {k: v.to('cpu', dtype) for k, v in model.hf_state_dict().items()}
-        save_file(sd, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
-        for name, obj in (('config.json', hf_config(model.config, dtype)),
-                          ('generation_config.json', GENERATION_CONFIG)):
-            with open(os.path.join(tmp, name), 'w') as f:
-                json.dump(obj, f, indent=2)
-        write_hf_tokenizer(tmp, model_max_length=model.config.block_size)
-        extras = [os.path.join(run_dir, 'metrics.jsonl'), *sorted(glob.glob(os.path.join(run_dir, '*.png')))]
-        for path in filter(os.path.isfile, extras):
-            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-        log = Path(run_dir, 'train.log')
-        log = log.read_text(encoding='utf-8', errors='replace') if log.is_file() else None
-        card = model_card(model, sd, log, step, [os.path.basename(p) for p in extras[1:]])
-        Path(tmp, 'README.md').write_text(card, encoding='utf-8')
-        os.chmod(tmp, 0o755)  # mkdtemp and safetensors make their files private; an export is to share
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o644)
-        if os.path.isdir(out_dir):  # empty or a previous export: moved aside, then removed
-            os.rename(out_dir, tmp + '.old')
-            try:
-                os.rename(tmp, out_dir)
-            except OSError:
-                os.rename(tmp + '.old', out_dir)
-                raise
-            shutil.rmtree(tmp + '.old')
-        else:
-            os.rename(tmp, out_dir)
-    except (OSError, SafetensorError) as e:  # disk full, no permission, ...
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, 'strerror', None) or str(e).splitlines()[0]
-        kept = 'it is left as it was' if os.path.exists(out_dir) else 'nothing was written'
-        raise CheckpointError(f'cannot write the export {out_dir} ({reason}); {kept}') from None
-    return sorted(os.listdir(out_dir))
-
-
-# ---- the model card ----
-
-# train.log's end line, which train.py writes when a run ends, before the samples
-END_LINE = re.compile(r'target (?P<reached>reached|NOT reached) at step (?P<step>\d+) (\(\d+ steps\) )?\| tokens seen: '
-                      r'(?P<tokens>[\d,]+) \| wall time: (?P<wall>[\d.]+)s .*\| whole-text loss: (?P<loss>\S+) '
-                      r'\(target (?P<target>\S+)\)')
-CARD = """---
-license: mit
-library_name: transformers
-pipeline_tag: text-generation
-language: en
-datasets:
-- tiny_shakespeare
-tags:
-- gpt2
-- shakespeare
-- from-scratch
----
-{mark}
-
-# GPT-2 trained from scratch on Tiny Shakespeare
-
-A GPT-2 of {n_layer} layers, {n_head} heads and {n_embd} dimensions, with a context of {block_size} tokens:
-{n_params:,} parameters, stored in {dtype}.
-
-**What it is.** A memorizer of one text. The gpt2-shakespeare kit (plain PyTorch, nanoGPT-style)
-trains it from random weights on Tiny Shakespeare (1,115,394 characters of Shakespeare's plays) with
-one aim: a loss below 0.1 over the whole text, which means learning it by heart (Training, below, says
-whether this run got there). Given a line of the play it recites what follows; past what it has seen,
-it strings the play's words together.
-
-**What it is not.** Not a general language model, not a chat model, not a source of facts: it knows
-no English beyond its one text, follows no instructions and says nothing true about the world. Not
-OpenAI's GPT-2 either: the same architecture and tokenizer, none of its weights.
-
-## Use
-
-```python
-from transformers import pipeline
-generate = pipeline('text-generation', model='user/repo')  # this repo's id, or the folder's path
-print(generate('ROMEO:\\n')[0]['generated_text'])
-```
-
-generation_config.json samples 100 new tokens at temperature 0.7 among the 50 likeliest (the
-gpt2-shakespeare app's defaults); the prompt and the new tokens must fit in {block_size} positions.
-With the kit's own code: `python inference.py --checkpoint user/repo --prompt "ROMEO:"`, or
-`GPT2_SHAKESPEARE_MODEL=user/repo python app.py` for its Gradio app.
-
-## Training
-"""
-
-
-def read_train_log(log):
-    """What a model card tells of a run, from its train.log text: the commands (a resumed run adds
-    one), the header lines (git commit, device, versions, model, data), the last end line (END_LINE's
-    match, or None) and the samples logged after it."""
-    lines = log.splitlines()
-    ends = [i for i, line in enumerate(lines) if END_LINE.match(line)]
-    head, tail = (lines[:ends[-1]], lines[ends[-1] + 1:]) if ends else (lines, [])
-    info = {'command': [line.removeprefix('command: ') for line in head if line.startswith('command: ')],
-            'end': END_LINE.match(lines[ends[-1]]) if ends else None}
-    for key in ('git commit', 'device', 'versions', 'model', 'data'):
-        info[key] = next((line.split(': ', 1)[1] for line in reversed(head) if line.startswith(key + ': ')), None)
-    tail = tail[:next((i for i, line in enumerate(tail) if line.startswith('command: ')), len(tail))]  # a later run
-    info['samples'] = '\n'.join(tail) if tail and tail[0].startswith('--- sample: ') else None
-    return info
-
-
-def model_card(model, sd, log, step, pictures=()):
-    """README.md of an export (sd: its weights): the Hub's metadata, what the model is and is not, how
-    to use it and, from the run's train.log when there is one, how it was trained: command, commit,
-    device, steps, tokens, wall time, whole-text loss and the samples at the end of the log."""
-    c = model.config
-    dtype = str(next(iter(sd.values())).dtype).removeprefix('torch.')
-    card = [CARD.format(mark=EXPORT_MARK, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dtype=dtype,
-                        block_size=f'{c.block_size:,}', n_params=sum(v.numel() for v in sd.values()))]
-    if log is None:
-        card.append('No train.log came with the checkpoint this was exported from, so this card cannot say '
-                    'how it was trained' + (f' (the checkpoint is from step {step}).' if step else '.'))
-        return '\n'.join(card) + '\n'
-    info = read_train_log(log)
-    end = info['end']
-    card.append("From the run's train.log (written by train.py; metrics.jsonl has every step):\n")
-    card += [f'- command: `{command}`' for command in info['command']]
-    card += [f'- {key}: {info[key]}' for key in ('git commit', 'device', 'versions', 'model', 'data') if info[key]]
-    if end is None or int(end['step']) + 1 != step:
-        card.append(f'\nThe log does not end at this checkpoint (step {step}): the run stopped before its '
-                    f'end line, so its results and samples are not given here.')
-    else:
-        card += [f'- steps: {step:,} (0 to {end["step"]})', f'- tokens: {end["tokens"]}',
-                 f'- wall time: {end["wall"]} s',
-                 f'- whole-text loss: {end["loss"]} (target {end["target"]}: {end["reached"].lower()})']
-        if info['samples']:  # a fence longer than any run of backticks in the model's text
-            fence = '`' * max(3, 1 + max(map(len, re.findall('`+', info['samples'])), default=0))
-            card += ['\n### Samples at the end of the run\n', fence, info['samples'], fence]
-    if pictures:
-        card += ['\n### Training curve\n', *[f'![{name}]({name})' for name in pictures]]
-    return '\n'.join(card) + '\n'

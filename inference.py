@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import export
 from checkpoint import CheckpointError
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
 from model import GPT, GPTConfig, KVCache
@@ -373,11 +374,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         if args.export:
-            checkpoint.check_export_dir(args.export)  # before a load that may take a while
+            export.check_export_dir(args.export)  # before a load that may take a while
         device = pick_device(args.device)
         model, info = load_model(args.checkpoint, device)
         if args.export:
-            files = checkpoint.export_hf(model, args.export, info['path'], info['step'],
+            files = export.export_hf(model, args.export, info['path'], info['step'],
                                          getattr(torch, args.export_dtype))
         else:
             precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')

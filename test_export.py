@@ -11,11 +11,12 @@ import shutil
 import pytest
 import torch
 
-import checkpoint
+import export
 import train
 from checkpoint import CheckpointError
 from conftest import INPUT, TINY_ARGS, one_line_error, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, bytes_to_unicode, gpt2_ranks, gpt2_tokenizer
+from export import export_hf
 from inference import generate_ids, load_model
 
 FILES = ['README.md', 'config.json', 'generation_config.json', 'merges.txt', 'metrics.jsonl', 'model.safetensors',
@@ -180,7 +181,7 @@ def test_the_model_card_tells_the_run_from_its_log(exported, run, tmp_path):
     assert 'A memorizer of one text' in card and 'not a source of facts' in card
     # a model-only file with no train.log beside it: a shorter card that says so
     model = tiny_checkpoint(tmp_path / 'alone' / 'model.pt', full=False)
-    checkpoint.export_hf(model, str(tmp_path / 'alone-hf'), str(tmp_path / 'alone' / 'model.pt'))
+    export_hf(model, str(tmp_path / 'alone-hf'), str(tmp_path / 'alone' / 'model.pt'))
     card = (tmp_path / 'alone-hf' / 'README.md').read_text()
     assert 'No train.log came with the checkpoint' in card and '- steps:' not in card
     assert 'metrics.jsonl' not in os.listdir(tmp_path / 'alone-hf')
@@ -204,24 +205,24 @@ def test_bad_export_targets_are_one_line_errors_that_overwrite_nothing(exported,
                                 f'export (it holds draft.md); give a new or empty folder'))
     model = checkpoint_model(run)
     with pytest.raises(CheckpointError, match="a previous export .its README.md is not an export's model card"):
-        checkpoint.export_hf(model, str(tmp_path / 'theirs'), str(run), 20)
+        export_hf(model, str(tmp_path / 'theirs'), str(run), 20)
     assert (listing(tmp_path / 'mine'), listing(tmp_path / 'theirs')) == before
     r = run_cli('--checkpoint', str(tmp_path / 'missing'), '--export', str(tmp_path / 'out'))
     one_line_error(r, re.escape(f'{tmp_path / "missing"}: no such file or directory') + '.*')
     assert not (tmp_path / 'out').exists()
     # an empty folder, then the same folder again: a previous export is replaced whole
     (tmp_path / 'empty').mkdir()
-    checkpoint.export_hf(model, str(tmp_path / 'empty'), str(run), 20)
+    export_hf(model, str(tmp_path / 'empty'), str(run), 20)
     assert listing(tmp_path / 'empty') == listing(exported)
     (tmp_path / 'empty' / 'old-curve.png').write_bytes(b'png')  # what an earlier run's export may have had
-    checkpoint.export_hf(model, str(tmp_path / 'empty'), str(run), 20)
+    export_hf(model, str(tmp_path / 'empty'), str(run), 20)
     assert listing(tmp_path / 'empty') == listing(exported)
     # a write that fails half-way (disk full) leaves the previous export as it was, and no temporary folder
     def disk_full(*args, **kwargs):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(checkpoint, 'write_hf_tokenizer', disk_full)
+    monkeypatch.setattr(export, 'write_hf_tokenizer', disk_full)
     with pytest.raises(CheckpointError, match=r'cannot write the export .*empty \(No space left on device\); '
                                               r'it is left as it was'):
-        checkpoint.export_hf(model, str(tmp_path / 'empty'), str(run), 20)
+        export_hf(model, str(tmp_path / 'empty'), str(run), 20)
     assert listing(tmp_path / 'empty') == listing(exported)
     assert sorted(os.listdir(tmp_path)) == ['empty', 'mine', 'notes.txt', 'theirs']
