@@ -23,6 +23,7 @@ trained model, over the text that model was trained on: its loss, how often its 
 is float32's, and the KL divergence of its next-token distribution from float32's.
 """
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -44,7 +45,7 @@ parser.add_argument('--threads', type=int, default=None, help='torch CPU threads
 parser.add_argument('--prompt-lens', type=int, nargs='+', default=[16, 512], help='prompt lengths in tokens')
 parser.add_argument('--new-tokens', type=int, default=100, help='tokens to generate per call (at least 2)')
 parser.add_argument('--repeats', type=int, default=3, help='timed calls per side and prompt (after one warm-up)')
-parser.add_argument('--precisions', nargs='+', default=['int8', 'int4', 'float32'], choices=list(PRECISIONS),
+parser.add_argument('--precisions', nargs='+', default=['int8', 'int4', 'float32'], choices=PRECISIONS,
                     help="inference.py's weight precisions to time and, with --quality-checkpoint, to judge")
 parser.add_argument('--quality-checkpoint', default=None, metavar='PATH',
                     help='a trained model (anything inference.py loads) to measure what each lower precision costs')
@@ -241,7 +242,7 @@ def quality(path):
     variants += [('int4', g) for g in (2 * INT4_GROUP_SIZE, 4 * INT4_GROUP_SIZE)
                  if 'int4' in args.precisions and ref.config.n_embd % g == 0]
     for p, group in variants:
-        lp = base if p == 'float32' else log_probs(prepare_for_generation(load_model(path)[0].eval(), p, group))
+        lp = base if p == 'float32' else log_probs(prepare_for_generation(copy.deepcopy(ref), p, group))
         loss = F.nll_loss(lp, y[keep]).item()
         agree = (lp.argmax(-1) == base.argmax(-1)).float().mean().item()
         kl = F.kl_div(lp, base, log_target=True, reduction='batchmean').item()  # KL(float32 || p)

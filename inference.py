@@ -17,9 +17,9 @@ bandwidth, not arithmetic (bench_inference.py measures how close it comes). --pr
 default on CPU) keeps each weight matrix as int8 with one scale per output row (a quarter of the fp32
 bytes) and multiplies with bf16 activations in torch's _weight_int8pack_mm kernel; the prompt, which
 is arithmetic-bound, goes through a matmul on the dequantized weights, in bf16 where the CPU has bf16
-instructions. --precision int4 halves the bytes again (a scale and an offset per 32 weights), at a
-cost in accuracy that README gives. A preallocated KV cache (model.py) makes each new token cost one
-position, and the vocabulary projection runs on the last position only.
+instructions. --precision int4 reads about a sixth (4 bits, and a scale and an offset per 32
+weights), at a cost in accuracy that README gives. A preallocated KV cache (model.py) makes each new
+token cost one position, and the vocabulary projection runs on the last position only.
 """
 import argparse
 import codecs
@@ -158,9 +158,9 @@ def prompt_matmul_dtype():
 
 class QuantizedLinear(nn.Module):
     """nn.Linear with weight-only quantized weights, for generation (no gradients). A decoding step
-    (a few rows) multiplies in torch's quantized-weight kernel with bf16 activations, reading a
-    quarter (int8) or an eighth (int4) of the float32 bytes; the subclasses say how the weight is
-    stored. The bias stays float32, and so does the output."""
+    (a few rows) multiplies in torch's quantized-weight kernel with bf16 activations, reading about
+    a quarter (int8) or a sixth (int4, with its scales and offsets) of the float32 bytes; the
+    subclasses say how the weight is stored. The bias stays float32, and so does the output."""
 
     def __init__(self, linear):
         super().__init__()
@@ -223,7 +223,7 @@ class Int4Linear(QuantizedLinear):
                                                             self.scale_zero)
 
 
-PRECISIONS = {'float32': None, 'int8': Int8Linear, 'int4': Int4Linear}
+PRECISIONS = ('float32', 'int8', 'int4')
 
 
 def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE):
@@ -231,11 +231,9 @@ def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROU
     linears above in every block and the head (float32: as it is). Returns model."""
     if precision not in PRECISIONS:
         raise ValueError(f'unknown precision {precision!r}: {", ".join(PRECISIONS)}')
-    quantized = PRECISIONS[precision]
-    if quantized is None:
+    if precision == 'float32':
         return model
-    if quantized is Int4Linear:
-        quantized = functools.partial(Int4Linear, group_size=int4_group_size)
+    quantized = Int8Linear if precision == 'int8' else functools.partial(Int4Linear, group_size=int4_group_size)
     if next(model.parameters()).device.type != 'cpu':
         raise ValueError(f'precision {precision} is for the CPU; use float32 on other devices')
     for block in model.transformer.h:
