@@ -18,7 +18,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from runtime import device_name, pick_device
+from runtime import device_name, peak_memory, pick_device
 
 # dense bf16 (fp16 on T4) tensor-core peaks from the vendors' datasheets, TFLOP/s
 DATASHEET_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}
@@ -97,6 +97,8 @@ for mode in args.compile:
         x, y = data[:, :-1], data[:, 1:]
         if device_type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
+        else:
+            peak_memory(reset=True)  # the process's resident peak from here (Linux)
 
         def step():
             with torch.autocast(device_type=device_type, dtype=ptdtype, enabled=ptdtype != torch.float32):
@@ -127,7 +129,8 @@ for mode in args.compile:
             continue
         tps = B * T / dt
         row = dict(compile=mode, batch=B, step_ms=dt * 1e3, tok_per_sec=tps, compile_s=first - dt,
-                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device_type == 'cuda' else None,
+                   peak_mem_gib=(torch.cuda.max_memory_allocated() if device_type == 'cuda'
+                                 else peak_memory() or 0) / 2 ** 30,
                    mfu_measured=flops_per_token * tps / (measured * 1e12) if measured else None,
                    mfu_datasheet=flops_per_token * tps / (datasheet * 1e12) if datasheet else None,
                    loss=loss.item())

@@ -40,7 +40,7 @@ class CheckpointError(Exception):
 class RunState:
     """Where a run stands, saved and restored as one value."""
     step: int = 0          # optimizer steps done
-    tokens_seen: int = 0   # tokens trained on, over all processes
+    tokens_seen: int = 0   # targets trained on, over all processes (a padded one is none)
     position: int = 0      # the next window of the data to train on
     elapsed: float = 0.0   # seconds of training before this process started
 

@@ -249,6 +249,13 @@ class Windows:
             self.x = F.pad(t[:-1], (0, pad), value=0).view(self.n, T).to(device)
             self.y = F.pad(t[1:], (0, pad), value=-1).view(self.n, T).to(device)
 
+    def targets(self, start, count):
+        """How many real targets windows start .. start+count-1 hold, wrapping around: T in each, but
+        fewer in the padded last one, as often as it comes round (the multiples of n in start+1 ..
+        start+count are the laps that end on it)."""
+        padded = self.n * self.T - (len(self.tokens) - 1)
+        return count * self.T - padded * ((start + count) // self.n - start // self.n)
+
     def get(self, start, count, wrap=True):
         """Windows start .. start+count-1 as x, y (count, T) on the device. Past the last window they
         wrap around to the first (training), or have all targets -1 (evaluation: counted once)."""

@@ -183,28 +183,42 @@ WALKTHROUGH = ('python train.py --n-layer 4 --n-head 4 --n-embd 128 --block-size
                '--warmup-steps 10 --max-steps 400 --device cpu')
 
 
+# on a CPU, the longest a micro-step may take: a signal is answered between two of them, and a CPU
+# trains as many tokens/s one sequence at a time as eight at a time (logs/bench_cpu.md)
+CPU_MICRO_STEP_SECONDS = 10
+
+
 def fit_micro_batch(args, rt, model, windows, B):
     """On a CPU or Apple GPU: (micro-batch, a notice for the log or None). One sequence's forward
     and backward is measured; the micro-batch halves until what training still has to allocate fits
-    in the free memory (gradient accumulation keeps the step's tokens), and a slow run says so."""
+    in the free memory and, on a CPU, until a micro-step takes at most CPU_MICRO_STEP_SECONDS
+    (gradient accumulation keeps the step's tokens); a slow run says so."""
     seconds, grown = measure_micro_step(model, *windows.get(0, 1), rt.autocast)
     free, weights = free_memory(), model.num_params() * 4
-    need = None
-    if grown and free:
-        per_sequence = max(grown - weights, 1)  # the first backward also allocated the gradients
-        need = 3 * weights + B * per_sequence  # + gradients and AdamW's two moments
-        while B % 2 == 0 and need > 0.6 * free:  # 0.6: allocators keep more than a step holds
-            B //= 2
-            need = 3 * weights + B * per_sequence
+    # the first backward also allocated the gradients
+    per_sequence = max(grown - weights, 1) if grown else None
+
+    def need(B):  # bytes to allocate yet: gradients, AdamW's two moments, B sequences' activations
+        return 3 * weights + B * per_sequence if per_sequence and free else None
+
+    def too_big(B):
+        if need(B) and need(B) > 0.6 * free:  # 0.6: allocators keep more than a step holds
+            return True
+        return rt.device_type == 'cpu' and B * seconds > CPU_MICRO_STEP_SECONDS
+    while B % 2 == 0 and too_big(B):
+        B //= 2
     step_s = seconds * args.total_batch_tokens / args.block_size / rt.world
     if B == 16 and step_s < 30:
         return B, None
-    memory = '' if need is None else f' (about {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free)'
+    memory = ''
+    if need(B) is not None:
+        memory = f' (about {need(B) / 1e9:.1f} GB of the {free / 1e9:.1f} GB free)'
     pass_min = seconds * windows.n / rt.world / 60
     return B, (f'notice: on this {rt.device_type.upper()} one sequence takes {seconds:.1f} s '
                f'forward and backward: a step about {step_s / 60:.1f} min, a pass over the text '
-               f'{pass_min:.0f} min; micro-batch {B}{memory}. A GPU trains GPT-2 124M in minutes; '
-               f'to see the whole pipeline here first, run the walk-through: {WALKTHROUGH}')
+               f'{pass_min:.0f} min; micro-batch {B}{memory}, so Ctrl-C is answered within '
+               f'about {B * seconds:.0f} s. A GPU trains GPT-2 124M in minutes; to see the whole '
+               f'pipeline here first, run the walk-through: {WALKTHROUGH}')
 
 
 class Progress:

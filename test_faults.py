@@ -123,9 +123,9 @@ def test_sigkill_at_random_moments_then_resume_gives_the_unbroken_run(text, tmp_
         assert len(effective) >= first
         effective = effective[:first] + lines
     assert effective == straight
-    final = re.compile(rf'target NOT reached at step {N - 1} \({N} steps\) \| tokens seen: {N * 128:,} .* '
+    final = re.compile(rf'target NOT reached at step {N - 1} \({N} steps\) \| tokens seen: ([\d,]+) .* '
                        r'whole-text loss: (\S+) ')
-    assert final.search(log).group(1) == final.search((tmp_path / 'straight' / 'train.log').read_text()).group(1)
+    assert final.search(log).groups() == final.search((tmp_path / 'straight' / 'train.log').read_text()).groups()
     # metrics.jsonl keeps one row per step: the rows a killed run wrote past its checkpoint were dropped
     rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     want = [json.loads(line) for line in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]

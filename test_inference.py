@@ -237,6 +237,70 @@ def test_quantized_linear_multiplies_its_weights(cls):
         assert err < 0.01, (rows, err)
 
 
+def rows_of_many_ranges(out_features, in_features):
+    """A weight whose rows and groups span very different ranges, some of them off zero."""
+    torch.manual_seed(0)
+    w = torch.randn(out_features, in_features) * torch.rand(out_features, 1) * 0.1
+    return w + (torch.rand(out_features, 1) < 0.25) * 0.05  # a quarter of the rows shifted
+
+
+BF16_ROUNDING = 2 ** -8  # rounding to bfloat16 (8 significant bits) moves a number by at most this share of it
+
+
+def test_every_int8_weight_is_within_half_a_step_of_the_float_one():
+    """Int8 stores w as q * s with one scale s per row, s = (the row's largest |w|) / 127 rounded to bf16.
+    Each weight comes back within half a step, s / 2; a weight that rounding s down pushed past 127
+    steps is clamped there, and misses by what is past."""
+    linear = torch.nn.Linear(768, 384)
+    with torch.no_grad():
+        linear.weight.copy_(rows_of_many_ranges(384, 768))
+    w = linear.weight.detach()
+    int8 = Int8Linear(linear)
+    exact = w.abs().amax(1) / 127
+    s = int8.scale.float()
+    assert int8.weight.dtype == torch.int8 and ((s - exact).abs() <= BF16_ROUNDING * exact).all()
+    error = (int8.weight.float() * s[:, None] - w).abs()
+    bound = s[:, None] / 2 + (w.abs() - 127 * s[:, None]).clamp(min=0)
+    assert (error <= bound * (1 + 1e-6)).all(), (error / bound).max()
+    assert (error > 0.45 * s[:, None]).any()  # a real test of the bound: some weights come near it
+
+
+def stored_int4_codes(int4):
+    """The 4-bit codes (out, in) that an Int4Linear holds, read back through torch's own kernel: with a
+    scale of 1 and an offset of 8 per group, the identity matrix times the weight gives the codes exactly."""
+    ones = torch.ones_like(int4.scale_zero[..., 0])
+    unit = torch.stack([ones, 8 * ones], dim=2)
+    eye = torch.eye(int4.in_features, dtype=torch.bfloat16)
+    codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, int4.weight, int4.group_size, unit).float()
+    return codes.T  # (in, out) -> (out, in)
+
+
+def test_every_int4_weight_is_within_half_a_step_of_the_float_one():
+    """Int4 stores w as (q - 8) * s + z with q in 0..15 and, per group of 32 inputs of a row, the step
+    s = (max - min) / 15 rounded to bf16 and the offset z = min + 8 s rounded to bf16. Each weight comes
+    back within half a step of it; one that the roundings left outside the group's 16 levels misses by
+    what is outside."""
+    linear = torch.nn.Linear(256, 384)
+    with torch.no_grad():
+        linear.weight.copy_(rows_of_many_ranges(384, 256))
+    int4 = Int4Linear(linear)
+    g = int4.group_size
+    w = linear.weight.detach().view(384, 256 // g, g)  # (out, groups, g)
+    lo, hi = w.amin(2), w.amax(2)
+    s, z = int4.scale_zero.float().transpose(0, 1).unbind(2)  # (groups, out, 2) -> (out, groups) each
+    exact = (hi - lo) / 15
+    assert ((s - exact).abs() <= BF16_ROUNDING * exact).all()
+    assert ((z - (lo + 8 * s)).abs() <= BF16_ROUNDING * (lo + 8 * s).abs()).all()
+    q = stored_int4_codes(int4).view(384, 256 // g, g)
+    assert ((q >= 0) & (q <= 15) & (q == q.round())).all()
+    s, z = s[..., None], z[..., None]
+    error = ((q - 8) * s + z - w).abs()
+    outside = torch.maximum(z - 8 * s - w, w - (z + 7 * s)).clamp(min=0)
+    bound = s / 2 + outside
+    assert (error <= bound * (1 + 1e-5)).all(), (error / bound).max()
+    assert (error > 0.45 * s).any()
+
+
 @pytest.mark.parametrize('precision, tolerance', [('int8', 0.05), ('int4', 0.25)])
 def test_quantized_model_stays_close_to_float32_and_never_samples_a_padded_id(precision, tolerance):
     torch.manual_seed(0)

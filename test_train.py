@@ -2,6 +2,7 @@
 input.txt, exact resume, 2-process torchrun, signals, and a clear one-line error for each bad input.
 Runs call train.main(argv) in this process (no second torch import) unless the test is about the
 command line itself."""
+import contextlib
 import hashlib
 import json
 import math
@@ -57,9 +58,41 @@ def test_windows_make_every_token_but_the_first_a_target_once(monkeypatch, on_de
     assert targets[targets != -1].tolist() == list(range(1, 100))
     x, y = w.get(6, 2)  # training wraps around to window 0
     assert x[1].tolist() == list(range(16)) and y[1].tolist() == list(range(1, 17))
+    # the targets a run counts as trained on are those the windows it got hold, the padded ones left out
+    for start in range(15):
+        for count in (1, 2, 6, 7, 15):
+            assert w.targets(start, count) == int((w.get(start, count)[1] != -1).sum()), (start, count)
 
 
 # ---- training ----
+
+def per_token_loss(model, tokens, T):
+    """The loss over a text written out plainly: each window of T tokens alone, unpadded and unbatched
+    (the last one shorter), its mean loss times its number of targets, summed and divided by the number
+    of targets, every token but the first."""
+    total = 0.0
+    for start in range(0, len(tokens) - 1, T):
+        y = tokens[start + 1:start + T + 1]
+        with torch.no_grad():
+            _, loss = model(tokens[start:start + len(y)][None], y[None])
+        total += loss.double().item() * len(y)
+    return total / (len(tokens) - 1)
+
+
+def test_whole_text_loss_is_the_mean_over_every_target(data):
+    """evaluate(), the figure a run ends on, against per_token_loss on 3,000 tokens: 94 windows of 32,
+    the last one padded (23 targets), in batches that divide 94 windows (1, 2, 47), that do not (5, 7)
+    and that hold them all (200)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    tokens = torch.from_numpy(data_module.load_tokens(data)[:3000].astype(np.int64))
+    windows = data_module.Windows(tokens.numpy(), 32, 'cpu')
+    assert windows.n == 94 and (len(tokens) - 1) % 32 == 23
+    expected = per_token_loss(model.eval(), tokens, 32)
+    for batch_size in (1, 2, 5, 7, 47, 200):
+        got = train.evaluate(model, windows, batch_size, contextlib.nullcontext())
+        assert got == pytest.approx(expected, abs=2e-6), batch_size
+
 
 def test_tiny_model_reaches_the_target_on_a_slice(data, tmp_path):
     out = tmp_path / 'run'
@@ -104,21 +137,65 @@ def test_tiny_model_reaches_the_target_on_a_slice(data, tmp_path):
     assert rows[-1]['whole_loss'] == pytest.approx(printed, abs=1e-6)
 
 
+# the end line of a run: (last step, steps, tokens seen, wall time s) as printed
+END_LINE = re.compile(r'target (?:NOT )?reached at step (\d+) \((\d+) steps\) \| tokens seen: ([\d,]+) \| '
+                      r'wall time: (\S+)s ')
+# a step line's dt (ms) and tok/sec as printed
+STEP_RATE = re.compile(r'step \d+ \| loss: \S+ \| dt: (\S+)ms \| tok/sec: (\S+) \|')
+
+
+def end_lines(log):
+    return [(int(a), int(b), int(c.replace(',', '')), float(d)) for a, b, c, d in END_LINE.findall(log)]
+
+
+def step_seconds(log):
+    return [float(dt) / 1000 for dt, _ in STEP_RATE.findall(log)]
+
+
+def timed(fn, *args):
+    t0 = time.time()
+    fn(*args)
+    return time.time() - t0
+
+
 @pytest.mark.parametrize('optimizer, dropout', [('adamw', '0'), ('muon', '0'), ('adamw', '0.1')])
-def test_resume_continues_exactly(data, tmp_path, optimizer, dropout):
+def test_resume_continues_exactly(data, tmp_path, monkeypatch, optimizer, dropout):
     """20 steps in one go == 10 steps, stop, --resume, 10 more: every printed digit the same. With
-    dropout, every step draws random masks: the same digits need the random state restored too."""
+    dropout, every step draws random masks: the same digits need the random state restored too. The
+    end line's figures are computed a second way: tokens seen as the targets the model was trained on,
+    counted in its forward; the wall time as the checkpoint's elapsed time plus the resumed part,
+    which the test times itself; each step's tok/sec as its tokens over its dt."""
     args = ['--data', data, '--data-tokens', '3000', '--optimizer', optimizer, '--lr', '1e-2', '--lr-decay-steps', '20',
             '--dropout', dropout]
+    trained, forward = [], GPT.forward
+
+    def counting_forward(self, idx, targets=None, **kw):
+        if self.training and targets is not None:
+            trained.append(int((targets != -1).sum()))
+        return forward(self, idx, targets, **kw)
+    monkeypatch.setattr(GPT, 'forward', counting_forward)
     _, straight = run(tmp_path / 'straight', *args, '--max-steps', '20')
-    _, first = run(tmp_path / 'split', *args, '--max-steps', '10')
-    rc = train.main(['--resume', str(tmp_path / 'split' / 'ckpt.pt'), '--max-steps', '20'])
-    assert rc == 0
+    monkeypatch.undo()
+    first_s = timed(run, tmp_path / 'split', *args, '--max-steps', '10')
+    first = (tmp_path / 'split' / 'train.log').read_text()
+    saved = checkpoint.load_training(str(tmp_path / 'split' / 'ckpt.pt')).run.elapsed
+    resumed_s = timed(train.main, ['--resume', str(tmp_path / 'split' / 'ckpt.pt'), '--max-steps', '20'])
     split = (tmp_path / 'split' / 'train.log').read_text()
     assert 'resumed from' in split and len(steps(first)) == 10
     assert steps(split) == steps(straight) and len(steps(straight)) == 20
     losses = [float(s[1]) for s in steps(straight)]
     assert losses[-1] < losses[0] - 1  # and it learns
+
+    (*_, first_wall), = end_lines(first)
+    assert sum(step_seconds(first)) - 0.05 <= first_wall <= first_s + 0.05
+    assert saved == pytest.approx(first_wall, abs=0.05)  # printed to 0.1 s
+    (*straight_end, _), = end_lines(straight)
+    *end, wall = end_lines(split)[-1]
+    # 20 steps of 8 windows out of 94 came round to the last window once: its 9 padded targets are no tokens
+    assert end == straight_end == [19, 20, sum(trained)] and sum(trained) == 20 * 256 - 9
+    assert saved + sum(step_seconds(split)[10:]) - 0.05 <= wall <= saved + resumed_s + 0.05
+    for dt, rate in STEP_RATE.findall(split):
+        assert float(rate) == pytest.approx(256 / (float(dt) / 1000), rel=1e-3)
 
 
 def expected_lr(step, lr, min_lr, warmup, decay_steps):
@@ -175,7 +252,15 @@ def test_two_process_torchrun_matches_one_process(data, tmp_path):
         assert a[0] == b[0] and abs(float(a[1]) - float(b[1])) < 1e-5 and abs(float(a[2]) - float(b[2])) < 1e-4
     whole = [float(re.search(r'whole-text loss: (\S+)', log.splitlines()[-1]).group(1))
              for log in ((tmp_path / 'one' / 'train.log').read_text(), ddp_log)]
+    # the loss each run ends on is the plain per-token mean of its saved model over the text's 94 windows,
+    # which the two processes split between them (12 batches of 4 each, the last of 2 windows, one padded)
+    tokens = torch.from_numpy(data_module.load_tokens(data)[:3000].astype(np.int64))
+    for name, printed in zip(('one', 'ddp'), whole):
+        model, _ = checkpoint.load_model(str(tmp_path / name / 'ckpt.pt'))
+        assert printed == pytest.approx(per_token_loss(model.eval(), tokens, 32), abs=2e-6)
     assert abs(whole[0] - whole[1]) < 1e-5
+    # steps and tokens seen: all processes' targets, as one process with both micro-steps counts them
+    assert end_lines(ddp_log)[0][:3] == end_lines((tmp_path / 'one' / 'train.log').read_text())[0][:3]
 
 
 GLOO_PEER_DIES = """
@@ -336,19 +421,15 @@ SLOW_STEP = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size'
              '--max-steps', '1000', '--checkpoint-interval', '1']
 
 
-@pytest.mark.timeout(300)
-def test_ctrl_c_in_a_long_step_is_answered_within_a_micro_step(data, tmp_path):
-    """A step that takes over 10 s shows its progress on the terminal (never in train.log). Ctrl-C in
-    the middle of it stops the run after the micro-step under way, saves the state before that step
-    (the checkpoint written after the step before it, tensor for tensor) and exits 130, without a
-    traceback."""
-    out, err = tmp_path / 'run', tmp_path / 'stderr.txt'
+def interrupt_a_long_step(out, *argv):
+    """train.py ARGV, sent Ctrl-C once a step has shown its progress (10 s into it). Returns (exit status,
+    what it printed on stderr, seconds from the signal to its exit, the step it was in)."""
+    err = out.parent / f'{out.name}-stderr.txt'
     with open(err, 'w') as stderr:
-        p = train_process(*SLOW_STEP, '--data', data, '--out-dir', str(out), stderr=stderr)
+        p = train_process(*argv, stderr=stderr)
         try:
-            wait_for(lambda: ': micro-step ' in err.read_text(), p)  # 10 s into a step
+            wait_for(lambda: ': micro-step ' in err.read_text(), p)
             step = int(re.search(r'step (\d+): micro-step', err.read_text()).group(1))
-            before = checkpoint.load_training(str(out / 'ckpt.pt')).model if step else None
             t0 = time.time()
             p.send_signal(signal.SIGINT)
             rc = p.wait(timeout=60)
@@ -360,16 +441,36 @@ def test_ctrl_c_in_a_long_step_is_answered_within_a_micro_step(data, tmp_path):
     done, elapsed = map(int, re.search(rf'step {step}: micro-step (\d+)/240, (\d+) s, about \d+ s left',
                                        shown).groups())
     assert took < 2 * elapsed / done + 2, (took, elapsed / done)  # a micro-step and the checkpoint, not the step
+    assert ': micro-step' not in (out / 'train.log').read_text()  # progress is for the terminal only
+    return rc, shown, took, step
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_in_a_long_step_is_answered_within_a_micro_step(data, tmp_path):
+    """A step that takes over 10 s shows its progress on the terminal (never in train.log). Ctrl-C in
+    the middle of it stops the run after the micro-step under way, saves the state before that step
+    (the checkpoint written after the step before it, tensor for tensor) and exits 130, without a
+    traceback. In the first step there is nothing to save: no checkpoint is written, and the log says so."""
+    fresh = tmp_path / 'fresh'
+    _, _, _, step = interrupt_a_long_step(fresh, *SLOW_STEP, '--data', data, '--out-dir', str(fresh))
+    assert step == 0 and not (fresh / 'ckpt.pt').exists()
+    log = (fresh / 'train.log').read_text()
+    assert log.splitlines()[-1] == 'stopped by a signal during step 0: nothing was trained, so no checkpoint was written'
+    assert 'step 0 |' not in log
+
+    out = tmp_path / 'run'  # one quick step makes a checkpoint; the resumed run is stopped in step 1
+    assert train.main([*SLOW_STEP, '--total-batch-tokens', '256', '--max-steps', '1', '--data', data,
+                       '--out-dir', str(out)]) == 0
+    before = checkpoint.load_training(str(out / 'ckpt.pt'))
+    _, _, _, step = interrupt_a_long_step(out, '--resume', str(out / 'ckpt.pt'), '--total-batch-tokens',
+                                          str(240 * 2 * 128), '--max-steps', '1000')
     log = (out / 'train.log').read_text()
-    assert ': micro-step' not in log and f'step {step} |' not in log
-    assert f'stopped by a signal during step {step}; checkpoint after {step} steps: {out / "ckpt.pt"}' in log
+    assert step == 1 and 'step 1 |' not in log
+    assert log.splitlines()[-1] == (f'stopped by a signal during step 1; checkpoint after 1 steps: {out / "ckpt.pt"} '
+                                    f'(continue with --resume {out / "ckpt.pt"})')
     stopped = checkpoint.load_training(str(out / 'ckpt.pt'))
-    # the data position of a run that did `step` whole steps of 480 windows, out of 157
-    assert stopped.run.step == step and stopped.run.position == step * 480 % 157
-    if before is None:  # stopped in the first step: the initial weights (--seed 1337)
-        torch.manual_seed(1337)
-        before = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)).state_dict()
-    assert all(torch.equal(stopped.model[k], before[k]) for k in before)
+    assert (stopped.run.step, stopped.run.position) == (before.run.step, before.run.position) == (1, 2)
+    assert all(torch.equal(stopped.model[k], before.model[k]) for k in before.model)
 
 
 @pytest.mark.timeout(300)
@@ -443,6 +544,25 @@ def test_on_a_cpu_the_micro_batch_fits_the_free_memory_and_a_notice_says_so(data
     assert f'step: 4,096 tokens = {B} x 256 x {16 // B} micro-steps' in log
     assert json.loads(log.splitlines()[4].removeprefix('config: '))['batch_size'] == B
     assert log.index('notice: ') < log.index('step 0 |')
+
+
+@pytest.mark.parametrize('seconds, device, expected', [(6.0, 'cpu', 1), (1.5, 'cpu', 4), (0.5, 'cpu', 16),
+                                                       (6.0, 'mps', 16)])
+def test_on_a_cpu_a_micro_step_takes_at_most_about_10_s(data, monkeypatch, seconds, device, expected):
+    """A CPU trains as many tokens/s at micro-batch 1 as at 8 (logs/bench_cpu.md), and Ctrl-C is answered
+    between micro-steps: so with one sequence measured at `seconds` and memory to spare, the fit halves
+    the micro-batch of 16 until a micro-step takes at most 10 s, on a CPU only. The GPT-2 124M takes about
+    6 s a sequence on this project's 2-core machine: micro-batch 1."""
+    monkeypatch.setattr(runtime, 'measure_micro_step', lambda *a: (seconds, 50 << 20))
+    monkeypatch.setattr(runtime, 'free_memory', lambda: 20 << 30)
+    args = train.build_parser().parse_args(TINY)
+    rt = runtime.Runtime(False, 0, 0, 1, 'cpu', device, 'float32', contextlib.nullcontext(), False, True)
+    windows = data_module.Windows(data_module.load_tokens(data)[:3000], 32, 'cpu')
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    B, notice = runtime.fit_micro_batch(args, rt, model, windows, 16)
+    assert B == expected
+    if B < 16:
+        assert f'micro-batch {B} (about ' in notice and f'Ctrl-C is answered within about {B * seconds:.0f} s' in notice
 
 
 @pytest.mark.timeout(300)

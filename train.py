@@ -349,10 +349,15 @@ def train(argv, t_start):
         result = train_step(model, params, optimizers, scaler, batches, args.grad_clip, ctx, rt.ddp,
                             halt, progress)
         progress.close()
+        if result is None and run.step == 0:  # not one whole step: nothing worth a checkpoint
+            log('stopped by a signal during step 0: nothing was trained, so no checkpoint was '
+                'written')
+            return 128 + signals[0]
         if result is None:  # stopped half-way: the weights are those after the last whole step
             save(rng)
             return stopped(f'during step {step}')
         loss, norm = result
+        trained = train_windows.targets(run.position, grad_accum * B * world)  # all processes'
         run.position = (run.position + grad_accum * B * world) % train_windows.n
         stop = torch.tensor(float(bool(signals)), device=rt.device)
         if rt.ddp:  # the mean loss over processes; any process's signal stops them all at this step
@@ -362,7 +367,7 @@ def train(argv, t_start):
         loss, norm, stop = torch.stack([loss, norm.float(), stop]).tolist()  # the one host sync
         dt = time.time() - t0
         first_step_s = dt if first_step_s is None else first_step_s
-        run.step, run.tokens_seen = step + 1, run.tokens_seen + args.total_batch_tokens
+        run.step, run.tokens_seen = step + 1, run.tokens_seen + trained
         lr = args.lr * factor
         log(f'step {step} | loss: {loss:.6f} | dt: {dt * 1000:.2f}ms | tok/sec: '
             f'{args.total_batch_tokens / dt:.2f} | norm: {norm:.4f} | lr: {lr:.4e}')
