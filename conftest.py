@@ -1,6 +1,7 @@
 """What the test files share: the tiny model (as train.py flags and as a GPTConfig), the step-line
-pattern of train.log, a tiny checkpoint and run folder written through checkpoint.py, a network that
-refuses every connection, inference.py and train.py as processes, and `python app.py` on a free port."""
+pattern of train.log, a tiny checkpoint and run folder written through checkpoint.py, a tiny run
+trained through train.py, a network that refuses every connection, inference.py and train.py as
+processes, and `python app.py` on a free port."""
 import contextlib
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+import train
 from checkpoint import RunState
 from model import GPT, GPTConfig
 
@@ -138,6 +140,24 @@ def one_line_error(proc_or_result, pattern):
     assert len(err.splitlines()) == 1 and re.fullmatch(f'error: {pattern}\n', err), err[-3000:]
 
 
+@contextlib.contextmanager
+def read_only(folder):
+    """Make a folder unwritable for real: chmod for a normal user; root ignores permissions, so for root
+    the folder is made immutable (chattr +i), which root obeys too."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        undo = lambda: os.chmod(folder, 0o755)
+    else:
+        r = subprocess.run(['chattr', '+i', str(folder)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f'running as root, where only chattr +i makes a folder unwritable, and it failed: {r.stderr.strip()}')
+        undo = lambda: subprocess.run(['chattr', '-i', str(folder)], check=True)
+    try:
+        yield
+    finally:
+        undo()
+
+
 def children(pid):
     """{pid: environment} of the live child processes of pid, read from /proc."""
     found = {}
@@ -149,12 +169,22 @@ def children(pid):
     return found
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def text(tmp_path_factory):
     """The first ~3,000 tokens of input.txt in a private folder (its token cache lands there too)."""
     path = tmp_path_factory.mktemp('data') / 'shakespeare.txt'
     path.write_text(open(INPUT, encoding='utf-8').read()[:12_000], encoding='utf-8')
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory, text):
+    """A train.py run folder: a tiny model, 20 steps on the first 12,000 characters of the play, with
+    the three samples at the end of train.log."""
+    out = tmp_path_factory.mktemp('export') / 'run'
+    assert train.main([*TINY_ARGS, '--total-batch-tokens', '128', '--data', text, '--max-steps', '20',
+                       '--samples', '3', '--out-dir', str(out)]) == 0
+    return out
 
 
 # ---- the app ----

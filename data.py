@@ -100,10 +100,9 @@ def gpt2_merges(ranks):
     return merges
 
 
-def write_hf_tokenizer(out_dir, model_max_length=1024, path=TOKENIZER_PATH):
-    """The GPT-2 tokenizer as transformers' AutoTokenizer and the tokenizers library load it, offline:
-    vocab.json, merges.txt, tokenizer.json and tokenizer_config.json in out_dir. Its ids are
-    tiktoken's; '<|endoftext|>' in a text is the special token 50256, as inference.py reads a prompt."""
+def gpt2_vocab_and_merges(path=TOKENIZER_PATH):
+    """({token text: id}, ['first second', ...] in priority order): GPT-2's vocabulary and merges as
+    text, in the form that vocab.json, merges.txt and GGUF's tokenizer hold, '<|endoftext|>' included."""
     ranks = gpt2_ranks(path)
     char = bytes_to_unicode()
 
@@ -111,7 +110,14 @@ def write_hf_tokenizer(out_dir, model_max_length=1024, path=TOKENIZER_PATH):
         return ''.join(char[b] for b in token)
     vocab = {text(token): rank for token, rank in ranks.items()}
     vocab[EOT] = EOT_TOKEN
-    merges = [f'{text(a)} {text(b)}' for a, b in gpt2_merges(ranks)]
+    return vocab, [f'{text(a)} {text(b)}' for a, b in gpt2_merges(ranks)]
+
+
+def write_hf_tokenizer(out_dir, model_max_length=1024, path=TOKENIZER_PATH):
+    """The GPT-2 tokenizer as transformers' AutoTokenizer and the tokenizers library load it, offline:
+    vocab.json, merges.txt, tokenizer.json and tokenizer_config.json in out_dir. Its ids are
+    tiktoken's; '<|endoftext|>' in a text is the special token 50256, as inference.py reads a prompt."""
+    vocab, merges = gpt2_vocab_and_merges(path)
     byte_level = {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': True}
     tokenizer = {
         'version': '1.0', 'truncation': None, 'padding': None,

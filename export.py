@@ -8,6 +8,7 @@ README.md, with the run's metrics.jsonl), which transformers, the Hub, inference
 
 The model card tells the run from its train.log: command, commit, device, steps, loss and samples.
 """
+import contextlib
 import glob
 import json
 import os
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from checkpoint import CheckpointError
-from data import EOT_TOKEN, GPT2_VOCAB_SIZE, write_hf_tokenizer
+from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_vocab_and_merges, write_hf_tokenizer
 
 # what transformers' generate() and pipeline() do unless told otherwise: the app's defaults (app.py)
 GENERATION_CONFIG = {'do_sample': True, 'temperature': 0.7, 'top_k': 50, 'max_new_tokens': 100,
@@ -32,13 +33,22 @@ EXPORT_FILES = {'config.json', 'model.safetensors', 'generation_config.json', 'v
 
 
 def hf_config(config, dtype):
-    """config.json of a transformers GPT2LMHeadModel with the shape of our GPTConfig."""
+    """config.json of a transformers GPT2LMHeadModel with the shape of our GPTConfig: every key that
+    OpenAI's GPT-2 configs and transformers' GPT2Config hold, n_ctx (the context, which llama.cpp's
+    converter reads) and the summary_* keys (unused by a language model) among them."""
     return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE,
-            'n_positions': config.block_size, 'n_layer': config.n_layer, 'n_head': config.n_head,
-            'n_embd': config.n_embd, 'n_inner': None, 'activation_function': 'gelu_new',
-            'layer_norm_epsilon': 1e-5, 'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0,
-            'bos_token_id': EOT_TOKEN, 'eos_token_id': EOT_TOKEN, 'tie_word_embeddings': True,
-            'scale_attn_weights': True, 'use_cache': True, 'dtype': str(dtype).removeprefix('torch.')}
+            'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_layer': config.n_layer,
+            'n_head': config.n_head, 'n_embd': config.n_embd, 'n_inner': None,
+            'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02,
+            'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0, 'summary_type': 'cls_index',
+            'summary_use_proj': True, 'summary_activation': None, 'summary_proj_to_labels': True,
+            'summary_first_dropout': 0.1, 'scale_attn_weights': True,
+            'scale_attn_by_inverse_layer_idx': False, 'reorder_and_upcast_attn': False,
+            'use_cache': True, 'add_cross_attention': False, 'bos_token_id': EOT_TOKEN,
+            'eos_token_id': EOT_TOKEN, 'pad_token_id': None,
+            'tie_word_embeddings': True, 'task_specific_params': {'text-generation': {
+                'do_sample': True, 'max_length': config.block_size}},
+            'dtype': str(dtype).removeprefix('torch.')}
 
 
 def check_export_dir(out_dir):
@@ -108,6 +118,137 @@ def export_hf(model, out_dir, source, step=None, dtype=torch.float32):
         raise CheckpointError(f'cannot write the export {out_dir} ({reason}); {kept}') from None
     return sorted(os.listdir(out_dir))
 
+
+
+# ---- GGUF: one file for llama.cpp, Ollama and LM Studio ----
+
+GGUF_DTYPES = ('float16', 'float32', 'bfloat16', 'q8_0')  # q8_0: llama.cpp's blocks of 32 int8 + a scale
+GGUF_MAGIC = b'GGUF'
+
+
+def check_gguf_path(path):
+    """CheckpointError unless path is free for a GGUF export: missing, or a GGUF file (which it
+    replaces): never a file of someone else's, never a folder."""
+    if os.path.isdir(path):
+        raise CheckpointError(f'--export {path}: that is a folder; a GGUF export is one file')
+    if os.path.exists(path):
+        with open(path, 'rb') as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise CheckpointError(f'--export {path}: the file exists and is not a GGUF file; '
+                                      f'give a new path')
+
+
+def gguf_module():
+    """The gguf package (llama.cpp's own writer of the format), or a one-line CheckpointError."""
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError('--export *.gguf needs the gguf package: pip install gguf') from None
+    return gguf
+
+
+def export_gguf(model, path, source, step=None, dtype='float16'):
+    """Write model to one GGUF file for llama.cpp (and Ollama and LM Studio, which run it): the
+    GPT-2 architecture's keys, the tokenizer (GPT-2's byte-level BPE, rebuilt from gpt2.tiktoken),
+    the 50,257 real embedding rows (the output layer is tied to them: llama.cpp reuses them when a
+    file has no output.weight), and the run's facts from its train.log as gpt2_shakespeare.* keys.
+    Like llama.cpp's converter, norms, biases and the position table stay float32; q8_0 falls back to
+    float16 for a matrix whose rows do not split into blocks of 32. Written beside path and renamed
+    over it: a failed export leaves what was there. Returns the file's size in bytes."""
+    gguf = gguf_module()
+    if not model.config.bias:
+        raise CheckpointError("--export: GPT-2's GGUF layout has biases, this model has none")
+    check_gguf_path(path)
+    qtype = {'float16': gguf.GGMLQuantizationType.F16, 'float32': gguf.GGMLQuantizationType.F32,
+             'bfloat16': gguf.GGMLQuantizationType.BF16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}[dtype]
+    file_type = {'float16': gguf.LlamaFileType.MOSTLY_F16, 'float32': gguf.LlamaFileType.ALL_F32,
+                 'bfloat16': gguf.LlamaFileType.MOSTLY_BF16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    c = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, c.n_layer)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        writer = gguf.GGUFWriter(tmp, 'gpt2')
+        writer.add_type('model')
+        writer.add_name('gpt2-shakespeare')
+        writer.add_description('GPT-2 trained from scratch on Tiny Shakespeare with the gpt2-shakespeare kit')
+        writer.add_license('mit')
+        writer.add_tags(['gpt2', 'shakespeare', 'from-scratch', 'text-generation'])
+        writer.add_languages(['en'])
+        writer.add_dataset_count(1)
+        writer.add_dataset_name(0, 'Tiny Shakespeare')
+        # what llama.cpp samples with unless told otherwise: the app's defaults (GENERATION_CONFIG)
+        writer.add_sampling_temp(GENERATION_CONFIG['temperature'])
+        writer.add_sampling_top_k(GENERATION_CONFIG['top_k'])
+        writer.add_context_length(c.block_size)
+        writer.add_embedding_length(c.n_embd)
+        writer.add_feed_forward_length(4 * c.n_embd)
+        writer.add_block_count(c.n_layer)
+        writer.add_head_count(c.n_head)
+        writer.add_layer_norm_eps(1e-5)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab, merges = gpt2_vocab_and_merges()
+        writer.add_tokenizer_model('gpt2')
+        writer.add_tokenizer_pre('gpt-2')
+        writer.add_token_list(sorted(vocab, key=vocab.get))
+        writer.add_token_types([gguf.TokenType.CONTROL if i == EOT_TOKEN else gguf.TokenType.NORMAL
+                                for i in range(GPT2_VOCAB_SIZE)])
+        writer.add_token_merges(merges)
+        for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_unk_token_id,
+                    writer.add_pad_token_id):
+            add(EOT_TOKEN)
+        writer.add_add_bos_token(False)  # GPT-2 prompts start as they are, as inference.py reads them
+        writer.add_add_eos_token(False)
+        for key, value in run_facts(source, step).items():
+            writer.add_string(f'gpt2_shakespeare.{key}', value)
+        for name, tensor in model.state_dict().items():
+            if name == 'lm_head.weight':  # tied to wte
+                continue
+            if name == 'transformer.wte.weight':
+                tensor = tensor[:GPT2_VOCAB_SIZE]  # the padded rows are no tokens
+            stem, suffix = name.rsplit('.', 1)
+            gguf_name = f'{names.get_name(stem)}.{suffix}'
+            data = tensor.detach().to('cpu', torch.float32).numpy()
+            kind = qtype
+            if data.ndim == 1 or gguf_name.startswith('position_embd'):
+                kind = gguf.GGMLQuantizationType.F32
+            try:
+                data = gguf.quants.quantize(data, kind)
+            except gguf.QuantError:  # q8_0 wants rows of a multiple of 32 values
+                kind = gguf.GGMLQuantizationType.F16
+                data = gguf.quants.quantize(data, kind)
+            writer.add_tensor(gguf_name, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, no permission, ...
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = 'it is left as it was' if os.path.exists(path) else 'nothing was written'
+        raise CheckpointError(f'cannot write the export {path} ({e.strerror or e}); {kept}') from None
+    return os.path.getsize(path)
+
+
+def run_facts(source, step):
+    """What a GGUF file tells of the run it came from (its train.log beside source): strings."""
+    run_dir = source if os.path.isdir(source) else os.path.dirname(source)
+    log = Path(run_dir, 'train.log')
+    facts = {'step': str(step)} if step is not None else {}
+    if not log.is_file():
+        return facts
+    info = read_train_log(log.read_text(encoding='utf-8', errors='replace'))
+    facts.update({key.replace(' ', '_'): info[key] for key in ('git commit', 'device', 'versions', 'data')
+                  if info[key]})
+    if info['command']:
+        facts['command'] = info['command'][-1]
+    end = info['end']
+    if end is not None and step is not None and int(end['step']) + 1 == step:
+        facts.update(tokens_seen=end['tokens'], wall_time_s=end['wall'], whole_text_loss=end['loss'],
+                     target_loss=end['target'], target=end['reached'])
+    return facts
 
 # ---- the model card ----
 

@@ -355,12 +355,14 @@ def main(argv=None):
                              'README has its measured cost) or float32; auto: int8 on CPU, float32 elsewhere')
     parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
-    parser.add_argument('--export', metavar='DIR', default=None,
-                        help='write the loaded model to the folder DIR as a Hugging Face GPT-2 model repo (config.json, '
-                             'model.safetensors, tokenizer, model card, the run\'s metrics.jsonl) and exit; DIR must be '
-                             'new, empty or a previous export. Upload it with `hf upload user/repo DIR`')
-    parser.add_argument('--export-dtype', choices=['float32', 'bfloat16'], default='float32',
-                        help='weight dtype of --export (default: float32; bfloat16 halves the file)')
+    parser.add_argument('--export', metavar='PATH', default=None,
+                        help='write the loaded model and exit: to a folder PATH as a Hugging Face GPT-2 model repo '
+                             '(config.json, model.safetensors, tokenizer, model card, the run\'s metrics.jsonl; new, empty '
+                             'or a previous export; upload it with `hf upload user/repo PATH`), or to PATH ending in .gguf '
+                             'as one GGUF file for llama.cpp, Ollama and LM Studio (needs `pip install gguf`)')
+    parser.add_argument('--export-dtype', choices=['float32', 'bfloat16', 'float16', 'q8_0'], default=None,
+                        help='weights of --export: float32 (the folder\'s default), bfloat16 (half the bytes), float16 '
+                             '(the .gguf default) or q8_0 (GGUF only: 8-bit blocks, about a quarter of float32)')
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error('--max-new-tokens must be >= 0')
@@ -370,19 +372,33 @@ def main(argv=None):
         parser.error('--top-p must be in (0, 1]')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    gguf = args.export is not None and args.export.lower().endswith('.gguf')
+    if args.export:
+        args.export_dtype = args.export_dtype or ('float16' if gguf else 'float32')
+        if not gguf and args.export_dtype in ('float16', 'q8_0'):
+            parser.error(f'--export-dtype {args.export_dtype} is for a .gguf file; a folder takes float32 or bfloat16')
     try:
-        if args.export:
-            export.check_export_dir(args.export)  # before a load that may take a while
+        if gguf:  # before a load that may take a while
+            export.gguf_module()
+            export.check_gguf_path(args.export)
+        elif args.export:
+            export.check_export_dir(args.export)
         device = pick_device(args.device)
         model, info = load_model(args.checkpoint, device)
-        if args.export:
+        if gguf:
+            size = export.export_gguf(model, args.export, info['path'], info['step'], args.export_dtype)
+        elif args.export:
             files = export.export_hf(model, args.export, info['path'], info['step'],
-                                         getattr(torch, args.export_dtype))
+                                     getattr(torch, args.export_dtype))
         else:
             precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
             prepare_for_generation(model, precision)
     except (ValueError, CheckpointError) as e:
         sys.exit(f'error: {e}')
+    if gguf:
+        print(f'wrote {args.export} ({size / 1e6:.1f} MB, {args.export_dtype} weights) from {info["path"]}; run it with '
+              f'llama.cpp: llama-completion -m {args.export} -p "ROMEO:"')
+        return
     if args.export:
         size = sum(os.path.getsize(os.path.join(args.export, name)) for name in files)
         print(f'wrote {args.export}/ ({", ".join(files)}: {size / 1e6:.1f} MB, {args.export_dtype} weights) '

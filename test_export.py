@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import export
-import train
 from checkpoint import CheckpointError
-from conftest import INPUT, TINY_ARGS, one_line_error, run_cli, tiny_checkpoint
+from conftest import INPUT, one_line_error, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, bytes_to_unicode, gpt2_ranks, gpt2_tokenizer
 from export import export_hf
 from inference import generate_ids, load_model
@@ -28,6 +27,20 @@ ODD_TEXTS = ['👨\u200d👩\u200d👧\u200d👦 and 🏳️\u200d🌈', '日本
              'ROMEO:\r\nBut soft!\r\n', '  two spaces before, three after   ', '\n\n\t \n',
              "I'll ne'er, they're", '\x00\x07 \u200b\ufeff', 'x<|endoftext|>y <|endoftext|>\n<|endoftext|>',
              "Away , Do n't ! I 'm . ?", '', ' ']
+# the keys of config.json in OpenAI's GPT-2 repos (openai-community/gpt2 on the Hugging Face Hub)
+OPENAI_GPT2_CONFIG_KEYS = ['activation_function', 'architectures', 'attn_pdrop', 'bos_token_id', 'embd_pdrop',
+                           'eos_token_id', 'initializer_range', 'layer_norm_epsilon', 'model_type', 'n_ctx', 'n_embd',
+                           'n_head', 'n_layer', 'n_positions', 'resid_pdrop', 'summary_activation',
+                           'summary_first_dropout', 'summary_proj_to_labels', 'summary_type', 'summary_use_proj',
+                           'task_specific_params', 'vocab_size']
+
+
+def PretrainedConfig_keys():
+    """The keys every transformers config has, whatever the model (labels, output flags, ...)."""
+    from transformers import PretrainedConfig
+    return PretrainedConfig().to_dict().keys()
+
+
 # transformers' logits against the checkpoint model's, measured on this machine: at most 2.4e-7 apart for
 # the tiny model (logits up to 0.74), 1.9e-6 for a random 124M (up to 2.9). 1e-5 leaves room for other
 # CPUs' summation orders; one matrix left untransposed puts them 0.34 apart
@@ -35,28 +48,18 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory, text):
-    """A train.py run folder: a tiny model, 20 steps on the first 12,000 characters of the play, with
-    the three samples at the end of train.log."""
-    out = tmp_path_factory.mktemp('export') / 'run'
-    assert train.main([*TINY_ARGS, '--total-batch-tokens', '128', '--data', text, '--max-steps', '20',
-                       '--samples', '3', '--out-dir', str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope='module')
-def exported(run):
-    r = run_cli('--checkpoint', str(run), '--export', str(run.parent / 'hf'))
+def exported(trained_run):
+    r = run_cli('--checkpoint', str(trained_run), '--export', str(trained_run.parent / 'hf'))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f'wrote {run.parent / "hf"}/ (') and 'float32 weights' in r.stdout
-    return run.parent / 'hf'
+    assert r.stdout.startswith(f'wrote {trained_run.parent / "hf"}/ (') and 'float32 weights' in r.stdout
+    return trained_run.parent / 'hf'
 
 
-def checkpoint_model(run):
-    return load_model(str(run))[0]
+def checkpoint_model(trained_run):
+    return load_model(str(trained_run))[0]
 
 
-def test_the_folder_is_a_gpt2_repo_without_pickle(exported, run):
+def test_the_folder_is_a_gpt2_repo_without_pickle(exported, trained_run):
     from safetensors.torch import load_file
     assert sorted(os.listdir(exported)) == FILES
     sd = load_file(exported / 'model.safetensors')  # safetensors: tensors and a JSON header, no pickle
@@ -65,23 +68,29 @@ def test_the_folder_is_a_gpt2_repo_without_pickle(exported, run):
     assert sd['transformer.h.0.attn.c_attn.weight'].shape == (32, 96)  # Conv1D: (in, out)
     assert sd['transformer.h.1.mlp.c_proj.weight'].shape == (128, 32)
     assert all(t.dtype == torch.float32 for t in sd.values())
-    ours = checkpoint_model(run).state_dict()
+    ours = checkpoint_model(trained_run).state_dict()
     assert torch.equal(sd['transformer.h.1.mlp.c_fc.weight'], ours['transformer.h.1.mlp.c_fc.weight'].t())
     config = json.loads((exported / 'config.json').read_text())
     assert config['vocab_size'] == 50257 and config['architectures'] == ['GPT2LMHeadModel']
     assert (config['n_layer'], config['n_head'], config['n_embd'], config['n_positions']) == (2, 2, 32, 32)
     assert config['activation_function'] == 'gelu_new' and config['bos_token_id'] == config['eos_token_id'] == 50256
     assert config['resid_pdrop'] == config['embd_pdrop'] == config['attn_pdrop'] == 0.0
+    # every key of OpenAI's own GPT-2 config.json, n_ctx among them (llama.cpp's converter reads it), and of
+    # the config transformers builds from ours
+    assert set(OPENAI_GPT2_CONFIG_KEYS) <= config.keys() and config['n_ctx'] == config['n_positions']
+    from transformers import GPT2Config
+    model_keys = GPT2Config().to_dict().keys() - PretrainedConfig_keys()
+    assert model_keys <= config.keys(), model_keys - config.keys()
     generation = json.loads((exported / 'generation_config.json').read_text())
     assert generation == {'do_sample': True, 'temperature': 0.7, 'top_k': 50, 'max_new_tokens': 100,
                           'bos_token_id': 50256, 'eos_token_id': 50256, 'pad_token_id': 50256}
-    assert (exported / 'metrics.jsonl').read_bytes() == (run / 'metrics.jsonl').read_bytes()
+    assert (exported / 'metrics.jsonl').read_bytes() == (trained_run / 'metrics.jsonl').read_bytes()
 
 
-def test_transformers_loads_it_offline_with_the_checkpoints_logits_and_greedy_text(exported, run, no_network):
+def test_transformers_loads_it_offline_with_the_checkpoints_logits_and_greedy_text(exported, trained_run, no_network):
     from transformers import AutoModelForCausalLM, pipeline
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
-    ours = checkpoint_model(run)
+    ours = checkpoint_model(trained_run)
     enc = gpt2_tokenizer()
     idx = torch.tensor(enc.encode(open(INPUT).read()[:2000])[:4 * 32]).view(4, 32)
     with torch.no_grad():
@@ -141,7 +150,7 @@ def hub_snapshot(cache, repo_id, files):
     return snapshot
 
 
-def test_inference_and_the_app_load_the_folder_and_its_hub_snapshot(exported, run, no_network, tmp_path,
+def test_inference_and_the_app_load_the_folder_and_its_hub_snapshot(exported, trained_run, no_network, tmp_path,
                                                                        monkeypatch):
     """The folder, and the folder as a Hub repo downloaded before, read offline by repo id: through
     --checkpoint, $GPT2_SHAKESPEARE_MODEL and the app. And a repo that holds a model-only model.pt, offline."""
@@ -149,7 +158,7 @@ def test_inference_and_the_app_load_the_folder_and_its_hub_snapshot(exported, ru
     import app
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
     snapshot = hub_snapshot(tmp_path / 'hub', 'someone/gpt2-shakespeare', sorted(exported.iterdir()))
-    ours = checkpoint_model(run)
+    ours = checkpoint_model(trained_run)
     idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 20))
     monkeypatch.setenv('GPT2_SHAKESPEARE_MODEL', 'someone/gpt2-shakespeare')
     for source in (str(exported), 'someone/gpt2-shakespeare', None):
@@ -166,9 +175,9 @@ def test_inference_and_the_app_load_the_folder_and_its_hub_snapshot(exported, ru
     assert load_model('someone/old-style')[1]['path'] == str(snapshot / 'model.pt')
 
 
-def test_the_model_card_tells_the_run_from_its_log(exported, run, tmp_path):
+def test_the_model_card_tells_the_run_from_its_log(exported, trained_run, tmp_path):
     card = (exported / 'README.md').read_text()
-    log = (run / 'train.log').read_text()
+    log = (trained_run / 'train.log').read_text()
     commit = re.search(r'^git commit: (\S+)$', log, re.M).group(1)
     loss = re.search(r'whole-text loss: (\d+\.\d+) \(target', log).group(1)
     assert card.startswith('---\nlicense: mit\nlibrary_name: transformers\npipeline_tag: text-generation\n')
@@ -187,11 +196,11 @@ def test_the_model_card_tells_the_run_from_its_log(exported, run, tmp_path):
     assert 'metrics.jsonl' not in os.listdir(tmp_path / 'alone-hf')
 
 
-def test_bad_export_targets_are_one_line_errors_that_overwrite_nothing(exported, run, tmp_path, monkeypatch):
+def test_bad_export_targets_are_one_line_errors_that_overwrite_nothing(exported, trained_run, tmp_path, monkeypatch):
     def listing(folder):
         return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
     (tmp_path / 'notes.txt').write_text('my notes')
-    r = run_cli('--checkpoint', str(run), '--export', str(tmp_path / 'notes.txt'))
+    r = run_cli('--checkpoint', str(trained_run), '--export', str(tmp_path / 'notes.txt'))
     one_line_error(r, re.escape(f'--export {tmp_path / "notes.txt"}: that is a file; give a folder') + '.*')
     assert (tmp_path / 'notes.txt').read_text() == 'my notes'
     shutil.copytree(exported, tmp_path / 'mine')
@@ -200,22 +209,22 @@ def test_bad_export_targets_are_one_line_errors_that_overwrite_nothing(exported,
     for name in ('config.json', 'model.safetensors'):
         shutil.copy(exported / name, tmp_path / 'theirs' / name)
     before = listing(tmp_path / 'mine'), listing(tmp_path / 'theirs')
-    r = run_cli('--checkpoint', str(run), '--export', str(tmp_path / 'mine'))
+    r = run_cli('--checkpoint', str(trained_run), '--export', str(tmp_path / 'mine'))
     one_line_error(r, re.escape(f'--export {tmp_path / "mine"}: the folder is neither empty nor a previous '
                                 f'export (it holds draft.md); give a new or empty folder'))
-    model = checkpoint_model(run)
+    model = checkpoint_model(trained_run)
     with pytest.raises(CheckpointError, match="a previous export .its README.md is not an export's model card"):
-        export_hf(model, str(tmp_path / 'theirs'), str(run), 20)
+        export_hf(model, str(tmp_path / 'theirs'), str(trained_run), 20)
     assert (listing(tmp_path / 'mine'), listing(tmp_path / 'theirs')) == before
     r = run_cli('--checkpoint', str(tmp_path / 'missing'), '--export', str(tmp_path / 'out'))
     one_line_error(r, re.escape(f'{tmp_path / "missing"}: no such file or directory') + '.*')
     assert not (tmp_path / 'out').exists()
     # an empty folder, then the same folder again: a previous export is replaced whole
     (tmp_path / 'empty').mkdir()
-    export_hf(model, str(tmp_path / 'empty'), str(run), 20)
+    export_hf(model, str(tmp_path / 'empty'), str(trained_run), 20)
     assert listing(tmp_path / 'empty') == listing(exported)
     (tmp_path / 'empty' / 'old-curve.png').write_bytes(b'png')  # what an earlier run's export may have had
-    export_hf(model, str(tmp_path / 'empty'), str(run), 20)
+    export_hf(model, str(tmp_path / 'empty'), str(trained_run), 20)
     assert listing(tmp_path / 'empty') == listing(exported)
     # a write that fails half-way (disk full) leaves the previous export as it was, and no temporary folder
     def disk_full(*args, **kwargs):
@@ -223,6 +232,6 @@ def test_bad_export_targets_are_one_line_errors_that_overwrite_nothing(exported,
     monkeypatch.setattr(export, 'write_hf_tokenizer', disk_full)
     with pytest.raises(CheckpointError, match=r'cannot write the export .*empty \(No space left on device\); '
                                               r'it is left as it was'):
-        export_hf(model, str(tmp_path / 'empty'), str(run), 20)
+        export_hf(model, str(tmp_path / 'empty'), str(trained_run), 20)
     assert listing(tmp_path / 'empty') == listing(exported)
     assert sorted(os.listdir(tmp_path)) == ['empty', 'mine', 'notes.txt', 'theirs']

@@ -24,7 +24,7 @@ import torch
 import checkpoint
 import inference
 import train
-from conftest import INPUT, ROOT, TINY_ARGS, logged_steps, one_line_error, runs, start, wait_until
+from conftest import INPUT, ROOT, TINY_ARGS, logged_steps, one_line_error, read_only, runs, start, wait_until
 from data import gpt2_tokenizer, load_tokens
 
 # one micro-step of 4 x 32 tokens per step
@@ -150,24 +150,6 @@ def test_sigint_during_a_checkpoint_write_saves_and_exits_130(text, tmp_path):
 
 
 # ---- a full disk, an out-dir that turns read-only ----
-
-@contextlib.contextmanager
-def read_only(folder):
-    """Make a folder unwritable for real: chmod for a normal user; root ignores permissions, so for root
-    the folder is made immutable (chattr +i), which root obeys too."""
-    if os.geteuid() != 0:
-        os.chmod(folder, 0o555)
-        undo = lambda: os.chmod(folder, 0o755)
-    else:
-        r = subprocess.run(['chattr', '+i', str(folder)], capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f'running as root, where only chattr +i makes a folder unwritable, and it failed: {r.stderr.strip()}')
-        undo = lambda: subprocess.run(['chattr', '-i', str(folder)], check=True)
-    try:
-        yield
-    finally:
-        undo()
-
 
 def test_file_size_limit_during_a_checkpoint_write_keeps_the_previous_one(trained, tmp_path):
     """RLIMIT_FSIZE makes the kernel refuse the checkpoint's writes (EFBIG), as a full disk would."""
