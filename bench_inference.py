@@ -2,8 +2,10 @@
 Generation benchmark on the CPU, measured against the machine's own limit. Decoding one token reads
 every weight once, and the KV cache of the context so far, so at batch 1 memory bandwidth bounds the
 speed: at most bandwidth / bytes-per-token tokens/s. This script measures the read bandwidth, then
-runs inference.py at each weight precision and Hugging Face transformers' GPT-2 side by side in one
-process, on the same GPT-2 124M weights, thread count and sampling settings, and gives per row:
+runs inference.py at each weight precision, Hugging Face transformers' GPT-2 and, where
+llama-cpp-python is installed, llama.cpp (Q8_0 and Q4_0, quantized by llama.cpp itself from our GGUF
+export) side by side in one process, on the same GPT-2 124M weights, thread count and sampling
+settings, and gives per row:
 
 - first-token latency: the prompt pass and the first sample;
 - decode tokens/s: every later token;
@@ -27,8 +29,10 @@ import copy
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -51,6 +55,8 @@ parser.add_argument('--quality-checkpoint', default=None, metavar='PATH',
                     help='a trained model (anything inference.py loads) to measure what each lower precision costs')
 parser.add_argument('--quality-tokens', type=int, default=16384,
                     help='at most this many tokens of the trained model\'s text to judge on (default: 16384)')
+parser.add_argument('--llama-cpp', nargs='*', default=['Q8_0', 'Q4_0'], choices=['Q8_0', 'Q4_0'],
+                    help='llama.cpp file types to time beside ours, if llama-cpp-python is installed (none: skip it)')
 parser.add_argument('--n-layer', type=int, default=12, help='model size (default: GPT-2 124M)')
 parser.add_argument('--n-head', type=int, default=12)
 parser.add_argument('--n-embd', type=int, default=768)
@@ -179,19 +185,74 @@ def run_ours(model, prompt):
     return t[0] - t0, (len(t) - 1) / (t[-1] - t[0]), len(t)
 
 
+# ---- llama.cpp on the same weights ----
+
+def llama_cpp_sides(model, workdir):
+    """[(name, run function, weight bytes per decode token, bytes per KV-cache value: its cache is
+    float16)] for llama.cpp: our GGUF export of model (float32)
+    quantized by llama.cpp's own quantizer (llama-quantize's code) to each of --llama-cpp's types, run
+    through llama-cpp-python's low-level calls: one llama_decode per token on the same prompt, and
+    inference.py's sample_next on its logits, so that only the forward pass differs."""
+    try:
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+
+        import export
+    except ImportError:
+        return []
+    f32 = os.path.join(workdir, 'gpt2-f32.gguf')
+    export.export_gguf(model, f32, workdir, dtype='float32')  # workdir: no train.log to tell of
+    sides = []
+    for kind in args.llama_cpp:
+        path = os.path.join(workdir, f'gpt2-{kind}.gguf')
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = getattr(llama_cpp, f'LLAMA_FTYPE_MOSTLY_{kind}'), torch.get_num_threads()
+        if llama_cpp.llama_model_quantize(f32.encode(), path.encode(), ctypes.byref(params)):
+            raise SystemExit(f'error: llama.cpp could not quantize {f32} to {kind}')
+        llm = llama_cpp.Llama(model_path=path, n_ctx=model.config.block_size, n_batch=512,
+                              n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                              verbose=False)
+        reader = __import__('gguf').GGUFReader(path)
+        weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != 'position_embd.weight')
+        vocab = llm.n_vocab()
+
+        def run(prompt, llm=llm, vocab=vocab):
+            """(first-token seconds, decode tokens/s, new tokens) of one llama.cpp call."""
+            ctx, t = llm.ctx, []
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            generator = torch.Generator().manual_seed(1)
+            tokens = (llama_cpp.llama_token * len(prompt))(*prompt)
+            batch = llama_cpp.llama_batch_get_one(tokens, len(prompt))
+            t0 = time.perf_counter()
+            for _ in range(args.new_tokens):
+                if llama_cpp.llama_decode(ctx, batch):
+                    raise SystemExit('error: llama_decode failed')
+                logits = torch.from_numpy(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), (vocab,)))
+                tokens = (llama_cpp.llama_token * 1)(sample_next(logits, 0.7, 50, None, generator))
+                batch = llama_cpp.llama_batch_get_one(tokens, 1)
+                t.append(time.perf_counter())
+            return t[0] - t0, (len(t) - 1) / (t[-1] - t[0]), len(t)
+        sides.append((f'llama.cpp {kind} (llama-cpp-python {llama_cpp.__version__})', run, weights, 2))
+    return sides
+
+
 # ---- the timed runs ----
 
-sides = [('transformers GPT2LMHeadModel.generate (float32)', run_hf, hf_bytes)]
-sides += [(f'inference.py ({p} weights)', lambda prompt, m=ours[p]: run_ours(m, prompt), decode_bytes(ours[p], 0))
+sides = [('transformers GPT2LMHeadModel.generate (float32)', run_hf, hf_bytes, 4)]
+sides += [(f'inference.py ({p} weights)', lambda prompt, m=ours[p]: run_ours(m, prompt), decode_bytes(ours[p], 0), 4)
           for p in args.precisions]
+workdir = tempfile.mkdtemp(prefix='bench-gguf-')
+sides += llama_cpp_sides(GPT.from_hf_state_dict(hf.state_dict()).eval(), workdir)
 probe = torch.ones(1 << 27)  # 512 MiB of float32
 rows, bandwidths = [], []
 for n_prompt in args.prompt_lens:
     prompt = ids[:n_prompt]
-    runs = {name: [] for name, _, _ in sides}
+    runs = {name: [] for name, *_ in sides}
     for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
         bandwidth = read_bandwidth(probe)
-        for name, fn, _ in sides:
+        for name, fn, *_ in sides:
             first, rate, made = fn(prompt)
             assert made == args.new_tokens, f'{name} made {made} tokens, not {args.new_tokens}'
             if rep:
@@ -199,8 +260,8 @@ for n_prompt in args.prompt_lens:
         if rep:
             bandwidths.append(bandwidth)
     context = n_prompt + args.new_tokens // 2  # the mean number of cached positions while decoding
-    kv = 2 * args.n_layer * args.n_embd * context * 4
-    for name, _, weights in sides:
+    for name, _, weights, kv_bytes in sides:
+        kv = 2 * args.n_layer * args.n_embd * context * kv_bytes
         first = statistics.median(f for f, _ in runs[name])
         rate = statistics.median(r for _, r in runs[name])
         rows.append((name, n_prompt, first, rate, weights + kv))
@@ -209,6 +270,7 @@ for n_prompt in args.prompt_lens:
 bandwidth = statistics.median(bandwidths)
 print(f'read bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)})')
 del probe
+shutil.rmtree(workdir)
 
 parts = {}
 for p in args.precisions:
@@ -274,14 +336,24 @@ lines = [f'# bench_inference.py on {cpu}', '',
          f'side), batch 1, {args.new_tokens} new tokens, temperature 0.7, top-k 50, median of {args.repeats} calls '
          f'after one warm-up  ',
          f'read bandwidth: **{bandwidth / 1e9:.1f} GB/s** (a sum over 512 MiB, median of {len(bandwidths)}, taken '
-         f'between the calls). Bound = bandwidth / bytes per decode token (weights + float32 KV cache at the mean '
-         f'context, prompt + {args.new_tokens // 2}).', '',
+         f'between the calls). Bound = bandwidth / bytes per decode token (weights + the KV cache at the mean '
+         f'context, prompt + {args.new_tokens // 2}: float32, float16 in llama.cpp).', '',
          '| implementation | prompt tokens | first token (ms) | decode tokens/s | MB per token | bound tokens/s '
          '| of its bound | of the int8 bound |', '|---|---|---|---|---|---|---|---|']
 for name, n, first, rate, b in rows:
     of_int8 = f'{rate / int8_bound[n]:.0%}' if n in int8_bound else '-'
     lines.append(f'| {name} | {n} | {first * 1e3:.1f} | {rate:.1f} | {b / 1e6:.1f} | {bandwidth / b:.0f} '
                  f'| {rate / (bandwidth / b):.0%} | {of_int8} |')
+rate_of = {(name, n): rate for name, n, _, rate, _ in rows}
+ratios = []  # (ours, llama.cpp's, prompt tokens, our decode speed / theirs)
+for p, kind in (('int8', 'Q8_0'), ('int4', 'Q4_0')):
+    for n in args.prompt_lens:
+        theirs = next((r for (name, m), r in rate_of.items() if m == n and name.startswith(f'llama.cpp {kind} ')), None)
+        if theirs and (f'inference.py ({p} weights)', n) in rate_of:
+            ratios.append((p, kind, n, rate_of[f'inference.py ({p} weights)', n] / theirs))
+if ratios:
+    lines += ['', 'Decode speed of inference.py against llama.cpp in this run (above 1: inference.py is faster): ' +
+              '; '.join(f'{p} / {q} at a {n}-token prompt: **{r:.2f}**' for p, q, n, r in ratios) + '.']
 lines += ['', 'Where a decode token of inference.py goes (ms; each part run alone, back to back; the rest is '
               'the Python and the small ops between them: LayerNorm, GELU, casts, bias adds, the cache writes):', '',
           '| weights | prompt tokens | decode ms/token | weight matmuls | their read rate GB/s | attention '

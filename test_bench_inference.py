@@ -1,11 +1,17 @@
 """bench_inference.py runs end to end and writes its tables: every side made the asked-for tokens (it
 asserts that itself), every row has a speed and a fraction of the bandwidth bound, the time of a
-decode token is split into its parts, and the quality of each precision is judged on a checkpoint
-(the 124M figures in README come from the same code)."""
+decode token is split into its parts, llama.cpp runs beside ours with the ratios computed from its
+rows, and the quality of each precision is judged on a checkpoint (the 124M figures in README come
+from the same code)."""
+import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import tiny_checkpoint
+
+llama_cpp = pytest.importorskip('llama_cpp')  # the peer beside ours (requirements-dev.txt)
 
 
 def table_rows(text, first_cell):
@@ -23,11 +29,18 @@ def test_bench_inference_writes_its_tables(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert '2 torch threads' in text and 'read bandwidth: **' in text
-    speed = table_rows(text, 'transformers') + table_rows(text, 'inference.py')
+    speed = table_rows(text, 'transformers') + table_rows(text, 'inference.py') + table_rows(text, 'llama.cpp')
+    llama = [f'llama.cpp {kind} (llama-cpp-python {llama_cpp.__version__})' for kind in ('Q8_0', 'Q4_0')]
     assert sorted((row[0], int(row[1])) for row in speed) == sorted(
         (side, n) for n in (4, 40) for side in ('transformers GPT2LMHeadModel.generate (float32)',
                                                 'inference.py (int8 weights)', 'inference.py (int4 weights)',
-                                                'inference.py (float32 weights)'))
+                                                'inference.py (float32 weights)', *llama))
+    # the ratios the README quotes, each our decode speed over llama.cpp's in the same run
+    rate = {(row[0], row[1]): float(row[3]) for row in speed}
+    for ours, kind, n in (('int8', 'Q8_0', 4), ('int8', 'Q8_0', 40), ('int4', 'Q4_0', 4), ('int4', 'Q4_0', 40)):
+        ratio = float(re.search(rf'{ours} / {kind} at a {n}-token prompt: \*\*(\S+)\*\*', text).group(1))
+        theirs = rate[f'llama.cpp {kind} (llama-cpp-python {llama_cpp.__version__})', str(n)]
+        assert ratio == pytest.approx(rate[f'inference.py ({ours} weights)', str(n)] / theirs, abs=0.006)
     for name, _, first_ms, rate, mb, bound, of_bound, of_int8 in speed:
         assert float(first_ms) > 0 and float(rate) > 0 and float(bound) > 0 and of_bound.endswith('%')
         assert float(mb) > 0 and of_int8.endswith('%') and ('int8' not in name or of_int8 == of_bound)
