@@ -8,10 +8,11 @@ norm, tok/s against step). Ready for a Hugging Face Space (see README).
     python app.py --checkpoint logs/run-x/ckpt.pt --port 7861
 
 The model is whatever inference.py finds; without one the page says how to get one instead of
-crashing. Generation is inference.py's generator (int8 weights and a KV cache on a CPU); this file
-only builds the page. Limits hold on the server whatever the page sends: at most MAX_NEW_TOKENS new
-tokens and MAX_PROMPT_CHARS of seed text per request, a queue of QUEUE_SIZE waiting requests and
-CONCURRENCY generations at a time, so that a 2-vCPU Space stays up under load.
+crashing. Generation is batching.py's server over inference.py's model (int8 weights and a KV cache
+on a CPU): the requests of up to BATCH_ROWS visitors decode together, one batch per step, each
+streaming its own text; this file only builds the page. Limits hold on the server whatever the page
+sends: at most MAX_NEW_TOKENS new tokens and MAX_PROMPT_CHARS of seed text per request, and a queue
+of QUEUE_SIZE waiting requests, so that a 2-vCPU Space stays up under load.
 """
 import argparse
 import html
@@ -25,13 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from inference import MODEL_ENV_VAR, CheckpointError, generate_ids, load_model, prepare_for_generation, stream_text
+from batching import Server
+from inference import MODEL_ENV_VAR, CheckpointError, load_model, prepare_for_generation, stream_text
 from data import gpt2_tokenizer
 
 MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
 MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)
-CONCURRENCY = 1          # generations at a time: one already keeps both cores of a free Space busy
-QUEUE_SIZE = 20          # requests waiting; the next one is told the queue is full, at once
+BATCH_ROWS = 4           # requests decoding together: a step reads the weights once for all of them
+QUEUE_SIZE = 20          # requests waiting beyond those; the next one is told the queue is full, at once
 TARGET_LOSS = 0.099999   # what train.py trains for: the loss plot draws it
 EXAMPLES = [  # openings from the play (input.txt): seed text, max tokens, temperature, top N, seed
     ['ROMEO:', 100, 0.7, 50, 1],
@@ -169,10 +171,11 @@ def tokens(n):
     return f'{n} token' if n == 1 else f'{n} tokens'
 
 
-def make_generate_fn(model, about):
+def make_generate_fn(model, about, server=None):
     def generate_text(prompt, max_new_tokens, temperature, top_k, seed):
         """Yields (seed text + new text so far, status line) as tokens come: a generator, so the page
-        shows every piece at once."""
+        shows every piece at once. The tokens come from the server's batch, shared with the other
+        requests of the moment."""
         if model is None:
             raise refuse(about)
         prompt, max_new_tokens, temperature, top_k, seed, notes = check_request(
@@ -187,17 +190,23 @@ def make_generate_fn(model, about):
 
         ids = gpt2_tokenizer().encode(prompt, allowed_special='all')
         text, t0 = prompt, time.perf_counter()
-        for piece in stream_text(counted(generate_ids(model, ids, max_new_tokens, temperature, top_k, seed=seed))):
-            text += piece
-            yield text, f'{tokens(n)}...'
+        stream = server.submit(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               seed=seed)
+        try:
+            for piece in stream_text(counted(stream)):
+                text += piece
+                yield text, f'{tokens(n)}...'
+        finally:  # also when the client went away mid-generation: its row is freed at the next step
+            stream.close()
         dt = time.perf_counter() - t0
         yield text, '; '.join([f'{tokens(n)} in {dt:.1f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {seed}'] + notes)
     return generate_text
 
 # ---- the page ----
 
-def build_demo(source=None, announce=False):
+def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS):
     model, path, about = load(source)
+    server = Server(model, batch_rows) if model is not None else None
     metrics = find_metrics(source or os.environ.get(MODEL_ENV_VAR), path)
     if announce:  # the server's log says what it serves
         print(f'model: {about if model is not None else "none: " + about}', flush=True)
@@ -234,7 +243,7 @@ def build_demo(source=None, announce=False):
             gr.Examples(EXAMPLES, inputs=inputs, label='Openings from the play')
             # preprocess=False: every value reaches check_request as sent, which answers any bad one
             # (text for a number, 1.5 for a seed) with its own message instead of a server traceback
-            button.click(make_generate_fn(model, about), inputs, [output, status], api_name='generate',
+            button.click(make_generate_fn(model, about, server), inputs, [output, status], api_name='generate',
                          preprocess=False)
 
         with gr.Tab('Training run'):
@@ -250,8 +259,9 @@ def build_demo(source=None, announce=False):
                     for y, title in PLOTS[1:]:
                         gr.LinePlot(df, x='step', y=y, title=title, height=260)
 
-    # a bounded queue: waiting requests beyond QUEUE_SIZE are refused at once instead of piling up
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+    # a bounded queue: waiting requests beyond QUEUE_SIZE are refused at once instead of piling up;
+    # batch_rows handlers at a time, each fed by its row of the batch
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=batch_rows)
     return demo
 
 
@@ -263,5 +273,10 @@ if __name__ == '__main__':
     parser.add_argument('--host', default=None,
                         help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; a Space sets 0.0.0.0)")
     parser.add_argument('--port', type=int, default=None, help='port (default: $GRADIO_SERVER_PORT, else 7860)')
+    parser.add_argument('--batch-rows', type=int, default=BATCH_ROWS,
+                        help=f'requests that decode together (default: {BATCH_ROWS}; 1: one at a time)')
     args = parser.parse_args()
-    build_demo(args.checkpoint, announce=True).launch(server_name=args.host, server_port=args.port)
+    if args.batch_rows < 1:
+        parser.error('--batch-rows must be at least 1')
+    build_demo(args.checkpoint, announce=True, batch_rows=args.batch_rows).launch(server_name=args.host,
+                                                                                  server_port=args.port)

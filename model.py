@@ -54,6 +54,25 @@ class KVCache:
         values[:, :, self.pos:self.pos + T] = v
         return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
 
+    def positions(self, T, device=None):
+        """The positions of the next T tokens, (T,): the same for every row."""
+        return torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
+
+    def attend(self, layer, q, k, v):
+        """Attention of the next T positions' queries (B, nh, T, hs) over every position so far, once
+        their keys and values are stored: causal among the new ones, which see every cached one."""
+        p, T = self.pos, q.size(2)
+        k, v = self.update(layer, k, v)
+        if p == 0:  # the first call: the whole prompt
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = None
+        if T > 1:  # row i (absolute position p + i) may look at columns 0 .. p + i
+            mask = torch.ones(T, p + T, dtype=torch.bool, device=q.device).tril(diagonal=p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def advance(self, T):
+        self.pos += T
+
 
 class CausalSelfAttention(nn.Module):
 
@@ -72,19 +91,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         # (B, T, 3C) -> (3, B, nh, T, hs): q, k and v, heads apart
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is None or cache.pos == 0:
-            if cache is not None:  # first call: the whole prompt, store it for the next ones
-                cache.update(layer, k, v)
+        if cache is None:
+            dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            # later calls: the new positions see every cached one and, among themselves, the earlier
-            p = cache.pos
-            k, v = cache.update(layer, k, v)
-            mask = None
-            if T > 1:  # row i (absolute position p + i) may look at columns 0 .. p + i
-                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # generation: the cache stores k and v, and knows which positions each query sees
+            y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -162,12 +173,15 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f'sequence of length {start + T} is longer than block_size {self.config.block_size}')
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if cache is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        else:
+            pos = cache.positions(T, idx.device)  # (T,), or (B, T) where rows stand at their own
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
         return self.head(x, targets)

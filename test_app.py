@@ -36,6 +36,37 @@ def test_streams_text_token_by_token_and_reproducibly(server):
     assert client.predict('ROMEO:', 20, 0.7, 50, 1, api_name='/generate')[0] == texts[-1]
 
 
+def test_concurrent_requests_stream_their_own_text_and_a_gone_client_frees_its_row(server):
+    """Four clients at once, each with its own settings, decode in one batch: each streams its own text,
+    the text that inference.py makes for that request alone. A client that cancels mid-generation frees
+    its row at the next step (the server's log says so) and the others go on."""
+    from gradio_client import Client
+    from inference import generate, load_model, prepare_for_generation
+    url, ckpt, log = server
+    model, _ = load_model(ckpt)
+    prepare_for_generation(model, 'int8')
+    requests = [('ROMEO:', 30, 0.7, 50, 1), ('JULIET:', 12, 0.0, 0, 2), ('', 25, 1.0, 0, 3), ('KING:', 18, 0.5, 10, 4)]
+    clients = [Client(url, verbose=False) for _ in requests]
+    jobs = [c.submit(*r, api_name='/generate') for c, r in zip(clients, requests)]
+    for job, (prompt, n, temperature, top_k, seed) in zip(jobs, requests):
+        text, status = job.result(timeout=120)
+        assert status.startswith(f'{n} tokens in ') and f'seed {seed}' in status
+        assert text == prompt + ''.join(generate(model, prompt, n, temperature, top_k or None, seed=seed))
+    before = log.read_text().count('row freed')
+    job = clients[0].submit('ROMEO:', 500, 0.7, 50, 5, api_name='/generate')
+    deadline = time.time() + 60
+    while len(job.outputs()) < 3:  # a few tokens in
+        assert time.time() < deadline and not job.done()
+        time.sleep(0.05)
+    job.cancel()
+    while log.read_text().count('row freed') == before:
+        assert time.time() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+    freed = re.findall(r'batching: client gone after (\d+) tokens, row freed', log.read_text())[-1]
+    assert 3 <= int(freed) < 500
+    assert predict(clients[1], 'JULIET:', 3, 0.7, 50, 3)[1].startswith('3 tokens')  # the server goes on
+
+
 def predict(client, *args, timeout=60):
     """client.predict with a time limit: a request that the server's caps fail to bound fails the test in
     seconds instead of generating for ever."""
@@ -104,8 +135,9 @@ def test_the_handler_caps_what_the_page_does_not_check(tmp_path):
     caller."""
     import gradio as gr
     import app
+    from batching import Server
     model, _, about = app.load(write_run(str(tmp_path / 'run')))
-    generate_text = app.make_generate_fn(model, about)
+    generate_text = app.make_generate_fn(model, about, Server(model, 1))
     *_, (text, status) = generate_text('ROMEO:', 10 ** 6, 0.7, 50, 1)
     assert status.startswith(f'{app.MAX_NEW_TOKENS} tokens in ') and f'max tokens capped at {app.MAX_NEW_TOKENS}' in status
     *_, (text, status) = generate_text('x' * 10 * app.MAX_PROMPT_CHARS, 2, 0.7, 50, 1)
@@ -120,25 +152,27 @@ def test_the_handler_caps_what_the_page_does_not_check(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_the_queue_is_bounded(tmp_path, monkeypatch):
-    """With one generation running and QUEUE_SIZE requests waiting, the next ones are refused at once
-    ("Queue is full"), not stored: a crowd cannot pile up work or memory on a 2-core Space. Generation is
-    held at a gate until every request has been sent, so the count does not depend on timing."""
+    """With BATCH_ROWS generations running and QUEUE_SIZE requests waiting, the next ones are refused at
+    once ("Queue is full"), not stored: a crowd cannot pile up work or memory on a 2-core Space. The
+    batch's steps are held at a gate until every request has been sent, so the count does not depend on
+    timing."""
     from gradio_client import Client
     from gradio_client.utils import QueueError
     import app
-    gate, real = threading.Event(), app.generate_ids
+    import batching
+    gate, real = threading.Event(), batching.Batch.step
 
-    def held(*args, **kwargs):
+    def held(self):
         assert gate.wait(timeout=120)
-        yield from real(*args, **kwargs)
-    monkeypatch.setattr(app, 'generate_ids', held)
+        return real(self)
+    monkeypatch.setattr(batching.Batch, 'step', held)
     demo = app.build_demo(write_run(str(tmp_path / 'run')))
     try:
         _, url, _ = demo.launch(server_name='127.0.0.1', server_port=free_port(), prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False)
         extra = 3
         jobs = []
-        for _ in range(app.CONCURRENCY + app.QUEUE_SIZE + extra):
+        for _ in range(app.BATCH_ROWS + app.QUEUE_SIZE + extra):
             jobs.append(client.submit('ROMEO:', 2, 0.7, 50, 1, api_name='/generate'))
             time.sleep(0.05)  # in order: the first ones take the worker and the queue's places
         time.sleep(2)
@@ -151,7 +185,7 @@ def test_the_queue_is_bounded(tmp_path, monkeypatch):
                 outcomes.append(str(e))
     finally:
         demo.close()
-    assert outcomes.count('2 tokens') == app.CONCURRENCY + app.QUEUE_SIZE, outcomes
+    assert outcomes.count('2 tokens') == app.BATCH_ROWS + app.QUEUE_SIZE, outcomes
     assert outcomes.count('Queue is full! Please try again.') == extra, outcomes
 
 

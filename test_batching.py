@@ -1,0 +1,118 @@
+"""batching.py: sequences generated together, one batch per decoding step, make the tokens that
+inference.generate_ids makes for each of them alone, with logits within the tolerance measured
+below; they join and leave between steps, finish on their own lengths and settings, and a removed
+one frees its row for the next. Tiny random models: seconds."""
+import copy
+
+import pytest
+import torch
+
+import batching
+import inference
+from batching import Batch, Sequence
+from conftest import TINY_CONFIG
+from data import EOT_TOKEN
+from inference import generate_ids, prepare_for_generation
+
+# (prompt ids, settings): greedy and sampled, top-k and top-p, lengths that end at different steps, a
+# prompt longer than the 64-token context (cropped) and texts that outgrow it (a second prompt pass)
+REQUESTS = [([11, 12, 13], dict(max_new_tokens=30, temperature=0)),
+            ([400, 401, 402, 403, 404], dict(max_new_tokens=12, temperature=0.8, top_k=40, seed=1)),
+            ([], dict(max_new_tokens=25, temperature=1.0, top_p=0.9, seed=2)),
+            (list(range(1000, 1090)), dict(max_new_tokens=20, temperature=0.7, top_k=50, seed=3)),
+            ([7] * 50, dict(max_new_tokens=40, temperature=0.9, seed=4)),
+            ([5, 6], dict(max_new_tokens=1, temperature=0.7, seed=5))]
+# the batch's logits against the same sequence's alone: equal to the last bit on this machine, in
+# float32 and in int8 (whose activations are quantized row by row and multiplied in integers); 1e-5
+# leaves room for a CPU whose matmul sums n rows in another order than one
+ATOL = {'float32': 1e-5, 'int8': 1e-5}
+
+
+def recorded(monkeypatch, module):
+    """[(generator, logits), ...]: every logits vector that module's sample_next is given, in order."""
+    seen, sample = [], module.sample_next
+
+    def recording(logits, temperature=0.7, top_k=None, top_p=None, generator=None):
+        seen.append((generator, logits.clone()))
+        return sample(logits, temperature, top_k, top_p, generator)
+    monkeypatch.setattr(module, 'sample_next', recording)
+    return seen
+
+
+@pytest.fixture(scope='module', params=['float32', 'int8'])
+def model(request):
+    torch.manual_seed(0)
+    return prepare_for_generation(inference.GPT(TINY_CONFIG).eval(), request.param), request.param
+
+
+def test_together_equals_alone_whatever_joins_and_leaves(model, monkeypatch):
+    model, precision = model
+    alone = [list(generate_ids(model, ids, **kw)) for ids, kw in REQUESTS]
+    batch, seqs, made = Batch(model, max_rows=4), [], {}
+    waiting = [Sequence(ids, **kw) for ids, kw in REQUESTS]
+    steps = 0
+    while waiting or batch:
+        while waiting and not batch.full() and (steps % 3 == 0 or not batch):  # join every third step
+            seqs.append(batch.add(waiting.pop(0)))
+        for seq, token in batch.step():
+            made.setdefault(id(seq), []).append(token)
+        steps += 1
+    assert [seq.tokens for seq in seqs] == alone
+    assert all(len(seq.tokens) == kw['max_new_tokens'] for seq, (_, kw) in zip(seqs, REQUESTS))
+    assert [made[id(seq)] for seq in seqs] == alone  # step() handed out each token once, in order
+
+
+def test_logits_together_are_those_alone(model, monkeypatch):
+    model, precision = model
+    requests = [(ids, {**kw, 'seed': kw.get('seed', 99)}) for ids, kw in REQUESTS]  # a generator each
+    seen = recorded(monkeypatch, inference)
+    alone = []
+    for ids, kw in requests:
+        list(generate_ids(model, ids, **kw))
+        alone.append([logits for _, logits in seen])
+        seen.clear()
+    monkeypatch.undo()
+    seen = recorded(monkeypatch, batching)
+    batch = Batch(model, max_rows=len(requests))
+    seqs = [batch.add(Sequence(ids, **kw)) for ids, kw in requests]
+    while batch:
+        batch.step()
+    worst = 0.0
+    for seq, logits_alone in zip(seqs, alone):
+        together = [logits for generator, logits in seen if generator is seq.generator]
+        assert len(together) == len(logits_alone) == seq.max_new_tokens
+        worst = max([worst, *((a - b).abs().max().item() for a, b in zip(logits_alone, together))])
+    print(f'{precision}: together within {worst:.2e} of alone')
+    assert worst <= ATOL[precision]
+
+
+def test_sequences_stop_on_their_own_and_a_removed_one_frees_its_row(model):
+    model, _ = model
+    batch = Batch(model, max_rows=2)
+    # stop_at_eot: the padded head is steered to make <|endoftext|> likeliest for this one
+    greedy_eot = Sequence([EOT_TOKEN], max_new_tokens=50, temperature=0, stop_at_eot=True)
+    long = batch.add(Sequence([1, 2, 3], max_new_tokens=50, temperature=0))
+    short = batch.add(Sequence([4, 5], max_new_tokens=3, temperature=0))
+    with pytest.raises(ValueError, match='the batch is full'):
+        batch.add(Sequence([6]))
+    for _ in range(4):  # a prompt step, then three decode steps: short is done after 3 tokens
+        batch.step()
+    assert short.done and len(short.tokens) == 3 and batch.seqs == [long]
+    third = batch.add(Sequence([8, 9], max_new_tokens=5, temperature=0))
+    batch.remove(long)  # its client went away: the row is free at once, and third moves into row 0
+    assert long.done and batch.seqs == [third] and batch.cache.n == 1
+    while batch:
+        batch.step()
+    assert third.tokens == list(generate_ids(model, [8, 9], 5, temperature=0))
+    # <|endoftext|> ends a stop_at_eot sequence without being handed out as a token
+    eot_model = copy.deepcopy(model)
+    with torch.no_grad():
+        head = eot_model.lm_head
+        if hasattr(head, 'bias') and head.bias is not None:
+            head.bias.zero_()
+    alone = list(generate_ids(eot_model, [EOT_TOKEN], 50, temperature=0, stop_at_eot=True))
+    batch = Batch(eot_model, max_rows=1)
+    batch.add(greedy_eot)
+    while batch:
+        batch.step()
+    assert greedy_eot.tokens == alone and greedy_eot.done
