@@ -32,7 +32,7 @@ from data import gpt2_tokenizer
 
 MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
 MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)
-BATCH_ROWS = 4           # requests decoding together: a step reads the weights once for all of them
+BATCH_ROWS = 8           # requests decoding together (logs/bench_app_cpu.md): one step reads the weights once for all
 QUEUE_SIZE = 20          # requests waiting beyond those; the next one is told the queue is full, at once
 TARGET_LOSS = 0.099999   # what train.py trains for: the loss plot draws it
 EXAMPLES = [  # openings from the play (input.txt): seed text, max tokens, temperature, top N, seed

@@ -147,11 +147,13 @@ try:
     commit = subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True).stdout.strip()
 except OSError:
     commit = '?'
+served = model_path if args.checkpoint else 'GPT-2 124M at random init'
 lines = ['# bench_app.py', '', f'command: `{" ".join(["python", "bench_app.py", *sys.argv[1:]])}`  ',
-         f'commit {commit}, {os.cpu_count()} CPU cores, torch {torch.__version__}, model {model_path if args.checkpoint else "GPT-2 124M at random init"}, '
-         f'int8 weights; each client sends {args.requests} requests of up to {args.new_tokens} tokens one after the other',
-         '', '| batch rows | clients | aggregate tokens/s | first token: median / p95 (s) | last token: median / p95 (s) '
-         '| answered | refused | failed | server RSS (MiB) | server peak RSS (MiB) |', '|---|---|---|---|---|---|---|---|---|---|']
+         f'commit {commit}, {os.cpu_count()} CPU cores, torch {torch.__version__}, model {served}, int8 weights; '
+         f'each client sends {args.requests} requests of up to {args.new_tokens} tokens one after the other', '',
+         '| batch rows | clients | aggregate tokens/s | first token: median / p95 (s) '
+         '| last token: median / p95 (s) | answered | refused | failed | server RSS (MiB) '
+         '| server peak RSS (MiB) |', '|---|---|---|---|---|---|---|---|---|---|']
 lines += [f"| {r['rows']} | {r['clients']} | {r['tok_s']:.1f} | {r['first_med']:.2f} / {r['first_p95']:.2f} | "
           f"{r['last_med']:.2f} / {r['last_p95']:.2f} | {r['answered']} | {r['refused']} | {r['failed']} | "
           f"{r['rss']:.0f} | {r['peak']:.0f} |" for r in rows_out]

@@ -19,6 +19,7 @@ def table_rows(text, first_cell):
             if line.startswith(f'| {first_cell}')]
 
 
+@pytest.mark.slow  # every side, llama.cpp's included, twice: the slow suite
 def test_bench_inference_writes_its_tables(tmp_path):
     tiny_checkpoint(tmp_path / 'ckpt.pt')
     out = tmp_path / 'bench.md'

@@ -108,6 +108,7 @@ def test_the_file_holds_gpt2_its_tokenizer_and_the_run(exports, trained_run):
     assert kv['gpt2_shakespeare.command'].startswith('python train.py ')
 
 
+@pytest.mark.slow  # llama.cpp loads and runs two files: the slow suite, to keep the main one under 5 minutes
 @pytest.mark.parametrize('dtype', ['float16', 'q8_0'])
 def test_llama_cpp_runs_it_with_inference_pys_greedy_tokens(exports, trained_run, dtype):
     model = load_model(str(trained_run))[0]
@@ -129,6 +130,7 @@ def test_llama_cpp_runs_it_with_inference_pys_greedy_tokens(exports, trained_run
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == enc.encode(text, allowed_special='all'), text
 
 
+@pytest.mark.slow
 def test_llama_cpps_converter_reads_the_hugging_face_export_unchanged(trained_run, tmp_path):
     if not os.path.isfile(CONVERTER):
         if os.environ.get('REQUIRE_LLAMA_CPP'):
