@@ -325,8 +325,8 @@ def load_requests(rng, max_new_tokens, max_prompt_chars):
 @pytest.mark.slow
 def test_app_under_load_answers_or_refuses_every_request(server, monkeypatch):
     """32 clients send requests for 40 s, a third of them bad (negative or 10**6 max tokens, temperature
-    5) or huge (a 100,000-character prompt), to `python app.py` (one generation at a time, a queue of
-    QUEUE_SIZE). Every request is answered, or refused at once because the queue is full, or refused
+    5) or huge (a 100,000-character prompt), to `python app.py` (BATCH_ROWS requests decoding together, a
+    queue of QUEUE_SIZE). Every request is answered, or refused at once because the queue is full, or refused
     with the parameter's own message: none waits past REQUEST_LIMIT. The caps hold (10**6 max tokens is
     refused or capped, the prompt is cropped), the server's memory does not grow, and afterwards a fresh request
     is answered in seconds: no worker is stuck. LOAD_REPORT=path keeps the summary line."""
