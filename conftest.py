@@ -29,6 +29,13 @@ TINY_ARGS = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size'
              '--warmup-steps', '2', '--device', 'cpu', '--samples', '0']
 # a train.log step line: (step, loss, norm, lr) as printed
 STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: \d+\.\d\dms \| tok/sec: \d+\.\d\d \| norm: (\S+) \| lr: (\S+)')
+# texts whose tokens are easy to get wrong: joined emoji, CJK, combining marks, Windows line ends, spaces
+# at both ends, runs of whitespace, contractions, control and zero-width characters, <|endoftext|>, and
+# spaces before punctuation (which clean_up_tokenization_spaces would drop when decoding)
+ODD_TEXTS = ['👨\u200d👩\u200d👧\u200d👦 and 🏳️\u200d🌈', '日本語のテキスト、中文文本。한국어', 'e\u0301te\u0301 n\u0303o',
+             'ROMEO:\r\nBut soft!\r\n', '  two spaces before, three after   ', '\n\n\t \n',
+             "I'll ne'er, they're", '\x00\x07 \u200b\ufeff', 'x<|endoftext|>y <|endoftext|>\n<|endoftext|>',
+             "Away , Do n't ! I 'm . ?", '', ' ']
 # the model inference.py and app.py tests load: random weights, 64-token context
 TINY_CONFIG = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
 

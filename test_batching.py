@@ -2,8 +2,6 @@
 inference.generate_ids makes for each of them alone, with logits within the tolerance measured
 below; they join and leave between steps, finish on their own lengths and settings, and a removed
 one frees its row for the next. Tiny random models: seconds."""
-import copy
-
 import pytest
 import torch
 
@@ -87,10 +85,8 @@ def test_logits_together_are_those_alone(model, monkeypatch):
 
 
 def test_sequences_stop_on_their_own_and_a_removed_one_frees_its_row(model):
-    model, _ = model
+    model, precision = model
     batch = Batch(model, max_rows=2)
-    # stop_at_eot: the padded head is steered to make <|endoftext|> likeliest for this one
-    greedy_eot = Sequence([EOT_TOKEN], max_new_tokens=50, temperature=0, stop_at_eot=True)
     long = batch.add(Sequence([1, 2, 3], max_new_tokens=50, temperature=0))
     short = batch.add(Sequence([4, 5], max_new_tokens=3, temperature=0))
     with pytest.raises(ValueError, match='the batch is full'):
@@ -104,15 +100,21 @@ def test_sequences_stop_on_their_own_and_a_removed_one_frees_its_row(model):
     while batch:
         batch.step()
     assert third.tokens == list(generate_ids(model, [8, 9], 5, temperature=0))
-    # <|endoftext|> ends a stop_at_eot sequence without being handed out as a token
-    eot_model = copy.deepcopy(model)
+    # <|endoftext|> ends a stop_at_eot sequence without being handed out as a token: a model steered to
+    # make it likeliest everywhere (ln_f gives a vector of ones, and only its row of the head sees them)
+    torch.manual_seed(0)
+    eot_model = inference.GPT(TINY_CONFIG).eval()
     with torch.no_grad():
-        head = eot_model.lm_head
-        if hasattr(head, 'bias') and head.bias is not None:
-            head.bias.zero_()
-    alone = list(generate_ids(eot_model, [EOT_TOKEN], 50, temperature=0, stop_at_eot=True))
-    batch = Batch(eot_model, max_rows=1)
-    batch.add(greedy_eot)
+        eot_model.transformer.ln_f.weight.zero_()
+        eot_model.transformer.ln_f.bias.fill_(1.0)
+        eot_model.lm_head.weight[EOT_TOKEN] = 10.0
+    eot_model = prepare_for_generation(eot_model, precision)
+    assert list(generate_ids(eot_model, [1, 2], 5, temperature=0, stop_at_eot=True)) == []
+    batch = Batch(eot_model, max_rows=2)
+    stops = batch.add(Sequence([1, 2], max_new_tokens=5, temperature=0, stop_at_eot=True))
+    goes_on = batch.add(Sequence([1, 2], max_new_tokens=5, temperature=0))
+    assert batch.step() == [(stops, None), (goes_on, EOT_TOKEN)]
+    assert stops.done and stops.tokens == [] and batch.seqs == [goes_on]
     while batch:
         batch.step()
-    assert greedy_eot.tokens == alone and greedy_eot.done
+    assert goes_on.tokens == [EOT_TOKEN] * 5

@@ -13,20 +13,13 @@ import torch
 
 import export
 from checkpoint import CheckpointError
-from conftest import INPUT, one_line_error, run_cli, tiny_checkpoint
+from conftest import INPUT, ODD_TEXTS, one_line_error, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, bytes_to_unicode, gpt2_ranks, gpt2_tokenizer
 from export import export_hf
 from inference import generate_ids, load_model
 
 FILES = ['README.md', 'config.json', 'generation_config.json', 'merges.txt', 'metrics.jsonl', 'model.safetensors',
          'tokenizer.json', 'tokenizer_config.json', 'vocab.json']
-# texts whose tokens are easy to get wrong: joined emoji, CJK, combining marks, Windows line ends, spaces
-# at both ends, runs of whitespace, contractions, control and zero-width characters, <|endoftext|>, and
-# spaces before punctuation (which clean_up_tokenization_spaces would drop when decoding)
-ODD_TEXTS = ['👨\u200d👩\u200d👧\u200d👦 and 🏳️\u200d🌈', '日本語のテキスト、中文文本。한국어', 'e\u0301te\u0301 n\u0303o',
-             'ROMEO:\r\nBut soft!\r\n', '  two spaces before, three after   ', '\n\n\t \n',
-             "I'll ne'er, they're", '\x00\x07 \u200b\ufeff', 'x<|endoftext|>y <|endoftext|>\n<|endoftext|>',
-             "Away , Do n't ! I 'm . ?", '', ' ']
 # the keys of config.json in OpenAI's GPT-2 repos (openai-community/gpt2 on the Hugging Face Hub)
 OPENAI_GPT2_CONFIG_KEYS = ['activation_function', 'architectures', 'attn_pdrop', 'bos_token_id', 'embd_pdrop',
                            'eos_token_id', 'initializer_range', 'layer_norm_epsilon', 'model_type', 'n_ctx', 'n_embd',

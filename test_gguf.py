@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError
-from conftest import ROOT, one_line_error, read_only, run_cli
+from conftest import ODD_TEXTS, ROOT, one_line_error, read_only, run_cli
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, bytes_to_unicode, gpt2_tokenizer
 from export import export_gguf
 from inference import generate_ids, load_model
@@ -125,7 +125,6 @@ def test_llama_cpp_runs_it_with_inference_pys_greedy_tokens(exports, trained_run
     assert error < TOLERANCE[dtype]
     assert theirs == ours, (enc.decode(theirs), enc.decode(ours))
     # llama.cpp's tokenizer, read from the file, gives tiktoken's ids
-    from test_export import ODD_TEXTS
     for text in [PROMPT, *ODD_TEXTS]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == enc.encode(text, allowed_special='all'), text
 
