@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from batching import Server
-from inference import MODEL_ENV_VAR, CheckpointError, load_model, prepare_for_generation, stream_text
+from cpu_decode import prepare_for_generation
+from inference import MODEL_ENV_VAR, CheckpointError, load_model, stream_text
 from data import gpt2_tokenizer
 
 MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
@@ -46,18 +47,18 @@ PLOTS = [('loss', 'Training loss'), ('lr', 'Learning rate'), ('norm', 'Gradient 
 
 # ---- the model and its training run ----
 
-def load(source=None):
+def load(source=None, compile=False):
     """(model ready for generation or None, the path it came from or None, one line for the page:
-    what was loaded, or why nothing was)."""
+    what was loaded, or why nothing was). compile: decode through cpu_decode's compiled step."""
     try:
         model, info = load_model(source)
     except CheckpointError as e:
         return None, None, str(e)
     precision = 'int8' if next(model.parameters()).device.type == 'cpu' else 'float32'
-    prepare_for_generation(model, precision)
+    prepare_for_generation(model, precision, compile=compile)
     step = f', trained {info["step"]} steps' if info['step'] is not None else ''
-    about = (f'{info["path"]}{step}, {info["params"] / 1e6:.1f}M parameters, {precision} weights, '
-             f'{torch.get_num_threads()} CPU threads')
+    about = (f'{info["path"]}{step}, {info["params"] / 1e6:.1f}M parameters, {precision} weights'
+             f'{", compiled decoding" if compile else ""}, {torch.get_num_threads()} CPU threads')
     return model, info['path'], about
 
 
@@ -204,8 +205,8 @@ def make_generate_fn(model, about, server=None):
 
 # ---- the page ----
 
-def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS):
-    model, path, about = load(source)
+def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS, compile=False):
+    model, path, about = load(source, compile)
     server = Server(model, batch_rows) if model is not None else None
     metrics = find_metrics(source or os.environ.get(MODEL_ENV_VAR), path)
     if announce:  # the server's log says what it serves
@@ -275,8 +276,12 @@ if __name__ == '__main__':
     parser.add_argument('--port', type=int, default=None, help='port (default: $GRADIO_SERVER_PORT, else 7860)')
     parser.add_argument('--batch-rows', type=int, default=BATCH_ROWS,
                         help=f'requests that decode together (default: {BATCH_ROWS}; 1: one at a time)')
+    parser.add_argument('--compile', action='store_true',
+                        help='decode through one torch.compile graph (cpu_decode.py): faster per token; the '
+                             'server compiles it before it listens (about a minute the first time for GPT-2 '
+                             '124M, seconds once torch has it on disk)')
     args = parser.parse_args()
     if args.batch_rows < 1:
         parser.error('--batch-rows must be at least 1')
-    build_demo(args.checkpoint, announce=True, batch_rows=args.batch_rows).launch(server_name=args.host,
-                                                                                  server_port=args.port)
+    demo = build_demo(args.checkpoint, announce=True, batch_rows=args.batch_rows, compile=args.compile)
+    demo.launch(server_name=args.host, server_port=args.port)

@@ -18,6 +18,7 @@ the cache, and the others wait for it; every other step decodes one token for ev
 """
 import queue
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,8 @@ class Sequence:
 
 class Batch:
     """The sequences being generated together, at most max_rows of them (the rest wait their turn in
-    whatever feeds add()). A model prepared by inference.prepare_for_generation, in eval mode."""
+    whatever feeds add()). A model prepared by cpu_decode.prepare_for_generation, in eval mode: with its
+    compiled_decode, if it has one, for the steps that decode every row."""
 
     def __init__(self, model, max_rows=8):
         self.model, self.max_rows = model, max_rows
@@ -154,10 +156,16 @@ class Batch:
                 new = seq.ids[seq.start:]
                 logits[b] = self.model(torch.tensor([new], device=device), cache=row, last_only=True)[0][0, -1]
                 self.cache.lengths[b] = row.pos
-        else:  # (n, 1) last tokens -> (n, 1, vocab)
-            last = torch.tensor([[seq.ids[-1]] for seq in self.seqs], device=device)
-            out = self.model(last, cache=self.cache, last_only=True)[0]
-            logits = {b: out[b, -1] for b in range(len(self.seqs))}
+        else:  # (n,) last tokens -> (n, vocab)
+            n = len(self.seqs)
+            last = torch.tensor([seq.ids[-1] for seq in self.seqs], device=device)
+            decode = getattr(self.model, 'compiled_decode', None)
+            if decode is not None:
+                out = decode(last, self.cache.lengths[:n], self.cache.k, self.cache.v)
+                self.cache.advance(1)
+            else:
+                out = self.model(last[:, None], cache=self.cache, last_only=True)[0][:, -1]
+            logits = {b: out[b] for b in range(n)}
         made, finished = [], []
         for b, row_logits in logits.items():
             seq = self.seqs[b]
@@ -205,6 +213,11 @@ class Server:
 
     def __init__(self, model, max_rows=4, log=print):
         self.batch, self.log = Batch(model, max_rows), log
+        decode = getattr(model, 'compiled_decode', None)
+        if decode is not None:  # compile before the first request, not during it
+            t0 = time.perf_counter()
+            decode.warm_up(self.batch.cache.k, self.batch.cache.v)
+            log(f'batching: compiled the decoding step in {time.perf_counter() - t0:.1f} s')
         self.waiting, self.streams = queue.Queue(), {}
         self.thread = threading.Thread(target=self.run, name='batching', daemon=True)
         self.thread.start()

@@ -2,7 +2,8 @@
 Generation benchmark on the CPU, measured against the machine's own limit. Decoding one token reads
 every weight once, and the KV cache of the context so far, so at batch 1 memory bandwidth bounds the
 speed: at most bandwidth / bytes-per-token tokens/s. This script measures the read bandwidth, then
-runs inference.py at each weight precision, Hugging Face transformers' GPT-2 and, where
+runs inference.py at each weight precision (and, for --compiled's precisions, with --compile's compiled
+decoding step: its first, warm-up call compiles it), Hugging Face transformers' GPT-2 and, where
 llama-cpp-python is installed, llama.cpp (Q8_0 and Q4_0, quantized by llama.cpp itself from our GGUF
 export) side by side in one process, on the same GPT-2 124M weights, thread count and sampling
 settings, and gives per row:
@@ -40,8 +41,8 @@ import torch.nn.functional as F
 
 import checkpoint
 from data import GPT2_VOCAB_SIZE, Windows, gpt2_tokenizer, load_tokens
-from inference import (INT4_GROUP_SIZE, PRECISIONS, QuantizedLinear, generate_ids, load_model, prepare_for_generation,
-                       sample_next)
+from cpu_decode import INT4_GROUP_SIZE, PRECISIONS, QuantizedLinear, prepare_for_generation
+from inference import generate_ids, load_model, sample_next
 from model import GPT, KVCache
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +52,8 @@ parser.add_argument('--new-tokens', type=int, default=100, help='tokens to gener
 parser.add_argument('--repeats', type=int, default=3, help='timed calls per side and prompt (after one warm-up)')
 parser.add_argument('--precisions', nargs='+', default=['int8', 'int4', 'float32'], choices=PRECISIONS,
                     help="inference.py's weight precisions to time and, with --quality-checkpoint, to judge")
+parser.add_argument('--compiled', nargs='*', default=['int8', 'int4'], choices=PRECISIONS,
+                    help="precisions also timed with inference.py --compile's compiled decoding step (none: skip)")
 parser.add_argument('--quality-checkpoint', default=None, metavar='PATH',
                     help='a trained model (anything inference.py loads) to measure what each lower precision costs')
 parser.add_argument('--quality-tokens', type=int, default=16384,
@@ -149,6 +152,8 @@ torch.manual_seed(0)
 hf = GPT2LMHeadModel(GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).eval()
 hf.generation_config.pad_token_id = hf.config.eos_token_id
 ours = {p: prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval(), p) for p in args.precisions}
+compiled = {p: prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval(), p, compile=True)
+            for p in args.compiled}  # each compiles in its first (warm-up) call
 hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - hf.transformer.wpe.weight.numel() * 4
 ids = gpt2_tokenizer().encode_ordinary(open('input.txt', encoding='utf-8').read()[:20_000])
 
@@ -243,6 +248,8 @@ def llama_cpp_sides(model, workdir):
 sides = [('transformers GPT2LMHeadModel.generate (float32)', run_hf, hf_bytes, 4)]
 sides += [(f'inference.py ({p} weights)', lambda prompt, m=ours[p]: run_ours(m, prompt), decode_bytes(ours[p], 0), 4)
           for p in args.precisions]
+sides += [(f'inference.py ({p} weights, compiled)', lambda prompt, m=compiled[p]: run_ours(m, prompt),
+           decode_bytes(compiled[p], 0), 4) for p in args.compiled]
 workdir = tempfile.mkdtemp(prefix='bench-gguf-')
 sides += llama_cpp_sides(GPT.from_hf_state_dict(hf.state_dict()).eval(), workdir)
 probe = torch.ones(1 << 27)  # 512 MiB of float32
@@ -347,10 +354,12 @@ for name, n, first, rate, b in rows:
 rate_of = {(name, n): rate for name, n, _, rate, _ in rows}
 ratios = []  # (ours, llama.cpp's, prompt tokens, our decode speed / theirs)
 for p, kind in (('int8', 'Q8_0'), ('int4', 'Q4_0')):
-    for n in args.prompt_lens:
-        theirs = next((r for (name, m), r in rate_of.items() if m == n and name.startswith(f'llama.cpp {kind} ')), None)
-        if theirs and (f'inference.py ({p} weights)', n) in rate_of:
-            ratios.append((p, kind, n, rate_of[f'inference.py ({p} weights)', n] / theirs))
+    for variant in ('', ', compiled'):
+        for n in args.prompt_lens:
+            theirs = next((r for (name, m), r in rate_of.items() if m == n and name.startswith(f'llama.cpp {kind} ')),
+                          None)
+            if theirs and (f'inference.py ({p} weights{variant})', n) in rate_of:
+                ratios.append((p + variant, kind, n, rate_of[f'inference.py ({p} weights{variant})', n] / theirs))
 if ratios:
     lines += ['', 'Decode speed of inference.py against llama.cpp in this run (above 1: inference.py is faster): ' +
               '; '.join(f'{p} / {q} at a {n}-token prompt: **{r:.2f}**' for p, q, n, r in ratios) + '.']

@@ -206,13 +206,19 @@ def free_port():
 def server(tmp_path_factory):
     """`python app.py` on 127.0.0.1 and a free port, pointed at a tiny checkpoint by the env var:
     (its URL, the checkpoint, the file its output goes to)."""
-    tmp = tmp_path_factory.mktemp('app')
+    with app_server(tmp_path_factory.mktemp('app')) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def app_server(tmp, *args):
+    """`python app.py ARGS` as the server fixture starts it, in folder tmp: (URL, checkpoint, log file)."""
     ckpt = write_run(str(tmp / 'run-test'))
     port = free_port()
     env = {**os.environ, 'GPT2_SHAKESPEARE_MODEL': ckpt, 'GRADIO_SERVER_NAME': '127.0.0.1',
            'GRADIO_SERVER_PORT': str(port), 'GRADIO_ANALYTICS_ENABLED': 'False'}
     log = open(tmp / 'app.log', 'w')
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'app.py')], env=env, cwd=tmp,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'app.py'), *args], env=env, cwd=tmp,
                             stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
     deadline = time.time() + 120

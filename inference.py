@@ -12,18 +12,13 @@ generation is written once.
 
     python inference.py --checkpoint logs/run-x --export gpt2-shakespeare   # a Hugging Face model repo
 
-Speed on a CPU: one new token must read every weight once, so batch-1 decoding is bound by memory
-bandwidth, not arithmetic (bench_inference.py measures how close it comes). --precision int8 (the
-default on CPU) keeps each weight matrix as int8 with one scale per output row (a quarter of the fp32
-bytes); a decoding step quantizes its activations to int8 per row and multiplies int8 by int8 in
-torch._int_mm; the prompt, which is arithmetic-bound, goes through a matmul on the dequantized
-weights, in bf16 where the CPU has bf16 instructions. --precision int4 reads about a sixth (4 bits, and a scale and an offset per 32
-weights), at a cost in accuracy that README gives. A preallocated KV cache (model.py) makes each new
-token cost one position, and the vocabulary projection runs on the last position only.
+Speed on a CPU: --precision int8 (the default on CPU) or int4 keeps the weights quantized, and
+--compile decodes through one compiled graph (cpu_decode.py has both; README gives what each costs
+and gains, measured beside llama.cpp). A preallocated KV cache (model.py) makes each new token cost
+one position, and the vocabulary projection runs on the last position only.
 """
 import argparse
 import codecs
-import functools
 import glob
 import json
 import os
@@ -32,12 +27,12 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
 import export
 from checkpoint import CheckpointError
+from cpu_decode import PRECISIONS, prepare_for_generation
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
 from model import GPT, GPTConfig, KVCache
 from runtime import pick_device
@@ -132,124 +127,6 @@ def load_model(source=None, device='cpu'):
     return model.to(device).eval(), {'path': path, 'step': step, 'params': model.num_params()}
 
 
-# ---- fast CPU weights ----
-
-# inputs per int4 scale and offset: groups of 64 and 128 change more of a trained model's likeliest
-# tokens (logs/bench_inference_cpu.md has the walk-through model's figures)
-INT4_GROUP_SIZE = 32
-
-
-@functools.cache
-def prompt_matmul_dtype():
-    """The faster dtype for a long prompt's matmuls on this CPU: bfloat16 runs several times faster
-    than float32 where the CPU has bf16 instructions (AVX512-BF16, AMX) and slower where it must
-    emulate them, so time one GPT-2-sized matmul in each (a few ms, once per process)."""
-    x, w = torch.randn(256, 768), torch.randn(768, 768)
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        xd, wd = x.to(dtype), w.to(dtype)
-        F.linear(xd, wd)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(5):
-            F.linear(xd, wd)
-        seconds[dtype] = time.perf_counter() - t0
-    return min(seconds, key=seconds.get)
-
-
-class QuantizedLinear(nn.Module):
-    """nn.Linear with weight-only quantized weights, for generation (no gradients). A decoding step
-    (a few rows) multiplies in torch's quantized-weight kernel with bf16 activations, reading about
-    a quarter (int8) or a sixth (int4, with its scales and offsets) of the float32 bytes; the
-    subclasses say how the weight is stored. The bias stays float32, and so does the output."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-
-    def forward(self, x):
-        shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]))  # (M, in) -> (M, out)
-        y = y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 -> fp32
-        return y.view(*shape[:-1], -1)
-
-
-class Int8Linear(QuantizedLinear):
-    """int8 weights with one scale per output row: w ~ w_int8 * scale. A decoding step quantizes its
-    activations too, each row to int8 with a scale of its own, and multiplies int8 by int8 in
-    torch._int_mm (VNNI where the CPU has it), as llama.cpp's Q8_0 does with its blocks: 17% faster
-    than the bf16-activation kernel here, at a cost README gives."""
-
-    def __init__(self, linear):
-        super().__init__(linear)
-        self.prompt_dtype = prompt_matmul_dtype()
-        w = linear.weight.detach().float()
-        # the scales are rounded to bf16 (exact in the prompt path's dtype), kept as float32 for decoding
-        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16().float()
-        self.register_buffer('weight', torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer('scale', scale)
-
-    def matmul(self, x):
-        if x.size(0) <= 32:
-            # decoding: memory-bound, read 1 byte per weight. (M, in) -> int8 with a scale per row
-            x = x.float()
-            x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
-            q = torch.round(x / x_scale).to(torch.int8)
-            # (M, in) int8 @ (in, out) int8 view of the stored rows -> int32, then both scales
-            return torch._int_mm(q, self.weight.t()) * (x_scale * self.scale)
-        # a long prompt: arithmetic-bound, where a GEMM on the dequantized weight runs faster than the
-        # kernel (bf16 where the CPU has bf16 instructions)
-        w = self.weight.to(self.prompt_dtype) * self.scale.to(self.prompt_dtype)[:, None]
-        return F.linear(x.to(self.prompt_dtype), w)
-
-
-class Int4Linear(QuantizedLinear):
-    """4-bit weights with a scale and an offset per group of group_size inputs of each output row:
-    w ~ (q - 8) * scale + zero, q in 0..15, packed two to a byte in the layout of torch's CPU kernel,
-    which serves prompts as well (a 512-token prompt costs about 1.7 times the int8 path's GEMM)."""
-
-    def __init__(self, linear, group_size=INT4_GROUP_SIZE):
-        super().__init__(linear)
-        w = linear.weight.detach().float()
-        n_out, n_in = w.shape
-        if n_in % group_size:
-            raise ValueError(f'int4: {n_in} inputs do not split into groups of {group_size}')
-        self.group_size = group_size
-        w = w.view(n_out, n_in // group_size, group_size)
-        lo, hi = w.amin(dim=2), w.amax(dim=2)  # (out, groups)
-        # the kernel takes bf16 scales and offsets: round them first, then quantize against them
-        scale = ((hi - lo).clamp(min=1e-12) / 15).bfloat16().float()
-        zero = (lo + 8 * scale).bfloat16().float()
-        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32)
-        self.register_buffer('weight', torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n_out, n_in), 1))
-        # (groups, out, 2): the kernel's layout of the scales and offsets
-        self.register_buffer('scale_zero', torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().bfloat16())
-
-    def matmul(self, x):
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, self.group_size,
-                                                            self.scale_zero)
-
-
-PRECISIONS = ('float32', 'int8', 'int4')
-
-
-def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE):
-    """Make model (in place) a generation model: with precision 'int8' or 'int4', the quantized
-    linears above in every block and the head (float32: as it is). Returns model."""
-    if precision not in PRECISIONS:
-        raise ValueError(f'unknown precision {precision!r}: {", ".join(PRECISIONS)}')
-    if precision == 'float32':
-        return model
-    quantized = Int8Linear if precision == 'int8' else functools.partial(Int4Linear, group_size=int4_group_size)
-    if next(model.parameters()).device.type != 'cpu':
-        raise ValueError(f'precision {precision} is for the CPU; use float32 on other devices')
-    for block in model.transformer.h:
-        block.attn.c_attn, block.attn.c_proj = quantized(block.attn.c_attn), quantized(block.attn.c_proj)
-        block.mlp.c_fc, block.mlp.c_proj = quantized(block.mlp.c_fc), quantized(block.mlp.c_proj)
-    model.lm_head = quantized(model.lm_head)  # wte keeps the fp32 table for the embedding lookup
-    return model
-
-
 # ---- sampling ----
 
 def sample_next(logits, temperature=0.7, top_k=None, top_p=None, generator=None):
@@ -287,6 +164,7 @@ def generate_ids(model, ids, max_new_tokens=100, temperature=0.7, top_k=None, to
     ids = list(ids)[-block_size:] or [EOT_TOKEN]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config, 1, block_size, device=device) if use_cache else None
+    decode = getattr(model, 'compiled_decode', None) if use_cache else None  # prepare_for_generation's
     start = 0  # the context is ids[start:]; the cache holds ids[start:start + cache.pos]
     for _ in range(max_new_tokens):
         if len(ids) - start > block_size:
@@ -294,8 +172,12 @@ def generate_ids(model, ids, max_new_tokens=100, temperature=0.7, top_k=None, to
             if cache is not None:
                 cache.pos = 0
         new = ids[start + cache.pos:] if cache is not None else ids[start:]
-        logits, _ = model(torch.tensor([new], device=device), cache=cache, last_only=True)  # (1, 1, vocab)
-        token = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
+        if decode is not None and cache.pos > 0:  # one new token after a prompt pass
+            logits = decode(torch.tensor(new, device=device), [cache.pos], cache.k, cache.v)  # (1, vocab)
+            cache.advance(1)
+        else:
+            logits = model(torch.tensor([new], device=device), cache=cache, last_only=True)[0][:, -1]  # (1, vocab)
+        token = sample_next(logits[0], temperature, top_k, top_p, generator)
         if stop_at_eot and token == EOT_TOKEN:
             return
         ids.append(token)
@@ -360,6 +242,10 @@ def main(argv=None):
     parser.add_argument('--precision', choices=['auto', *PRECISIONS], default='auto',
                         help='weights for generation: int8 or int4 (weight-only, CPU; int4 is faster and less exact: '
                              'README has its measured cost) or float32; auto: int8 on CPU, float32 elsewhere')
+    parser.add_argument('--compile', action='store_true',
+                        help='decode through one torch.compile graph (cpu_decode.py): faster per token, after a '
+                             'compile that takes about half a minute the first time for GPT-2 124M and seconds '
+                             'later (torch keeps it on disk); README has the figures')
     parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--export', metavar='PATH', default=None,
@@ -399,7 +285,7 @@ def main(argv=None):
                                      getattr(torch, args.export_dtype))
         else:
             precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
-            prepare_for_generation(model, precision)
+            prepare_for_generation(model, precision, compile=args.compile)
     except (ValueError, CheckpointError) as e:
         sys.exit(f'error: {e}')
     if gguf:
@@ -411,8 +297,8 @@ def main(argv=None):
         print(f'wrote {args.export}/ ({", ".join(files)}: {size / 1e6:.1f} MB, {args.export_dtype} weights) '
               f'from {info["path"]}')
         return
-    print(f'# {info["path"]} (step {info["step"]}), {info["params"] / 1e6:.1f}M parameters, {precision}, '
-          f'{device}, {torch.get_num_threads()} threads', file=sys.stderr)
+    print(f'# {info["path"]} (step {info["step"]}), {info["params"] / 1e6:.1f}M parameters, {precision}'
+          f'{", compiled" if args.compile else ""}, {device}, {torch.get_num_threads()} threads', file=sys.stderr)
     t0, n = time.perf_counter(), 0
     sys.stdout.write(args.prompt)
     for piece in generate(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -15,12 +15,13 @@ import urllib.request
 
 import pytest
 
-from conftest import TINY_CONFIG, children, free_port, write_run
+from conftest import TINY_CONFIG, app_server, children, free_port, write_run
 from model import GPT
 
 def test_streams_text_token_by_token_and_reproducibly(server):
     from gradio_client import Client
-    from inference import generate, load_model, prepare_for_generation
+    from cpu_decode import prepare_for_generation
+    from inference import generate, load_model
     url, ckpt, _ = server
     client = Client(url, verbose=False)
     updates = list(client.submit('ROMEO:', 20, 0.7, 50, 1, api_name='/generate'))
@@ -36,12 +37,33 @@ def test_streams_text_token_by_token_and_reproducibly(server):
     assert client.predict('ROMEO:', 20, 0.7, 50, 1, api_name='/generate')[0] == texts[-1]
 
 
+def test_compiled_app_serves_the_texts_of_compiled_inference(tmp_path):
+    """python app.py --compile compiles before it listens (its log says so, and so does the Model line),
+    and three clients at once, decoding in one batch through the compiled step, get the texts that
+    inference.py's compiled model makes for each of them alone."""
+    from gradio_client import Client
+    from cpu_decode import prepare_for_generation
+    from inference import generate, load_model
+    with app_server(tmp_path, '--compile') as (url, ckpt, log):
+        assert 'batching: compiled the decoding step in ' in log.read_text()
+        model, _ = load_model(ckpt)
+        prepare_for_generation(model, 'int8', compile=True)
+        requests = [('ROMEO:', 30, 0.7, 50, 1), ('JULIET:', 12, 0.0, 0, 2), ('', 25, 1.0, 0, 3)]
+        jobs = [Client(url, verbose=False).submit(*r, api_name='/generate') for r in requests]
+        for job, (prompt, n, temperature, top_k, seed) in zip(jobs, requests):
+            text, status = job.result(timeout=120)
+            assert status.startswith(f'{n} tokens in ')
+            assert text == prompt + ''.join(generate(model, prompt, n, temperature, top_k or None, seed=seed))
+        assert 'int8 weights, compiled decoding' in urllib.request.urlopen(url, timeout=10).read().decode()
+
+
 def test_concurrent_requests_stream_their_own_text_and_a_gone_client_frees_its_row(server):
     """Four clients at once, each with its own settings, decode in one batch: each streams its own text,
     the text that inference.py makes for that request alone. A client that cancels mid-generation frees
     its row at the next step (the server's log says so) and the others go on."""
     from gradio_client import Client
-    from inference import generate, load_model, prepare_for_generation
+    from cpu_decode import prepare_for_generation
+    from inference import generate, load_model
     url, ckpt, log = server
     model, _ = load_model(ckpt)
     prepare_for_generation(model, 'int8')

@@ -10,7 +10,8 @@ import inference
 from batching import Batch, Sequence
 from conftest import TINY_CONFIG
 from data import EOT_TOKEN
-from inference import generate_ids, prepare_for_generation
+from cpu_decode import prepare_for_generation
+from inference import generate_ids
 
 # (prompt ids, settings): greedy and sampled, top-k and top-p, lengths that end at different steps, a
 # prompt longer than the 64-token context (cropped) and texts that outgrow it (a second prompt pass)
@@ -23,7 +24,7 @@ REQUESTS = [([11, 12, 13], dict(max_new_tokens=30, temperature=0)),
 # the batch's logits against the same sequence's alone: equal to the last bit on this machine, in
 # float32 and in int8 (whose activations are quantized row by row and multiplied in integers); 1e-5
 # leaves room for a CPU whose matmul sums n rows in another order than one
-ATOL = {'float32': 1e-5, 'int8': 1e-5}
+ATOL = {'float32': 1e-5, 'int8': 1e-5, 'int8, compiled': 1e-5}
 
 
 def recorded(monkeypatch, module):
@@ -37,10 +38,13 @@ def recorded(monkeypatch, module):
     return seen
 
 
-@pytest.fixture(scope='module', params=['float32', 'int8'])
+@pytest.fixture(scope='module', params=['float32', 'int8', 'int8, compiled'])
 def model(request):
+    """A tiny model and its precision; 'int8, compiled': with cpu_decode's compiled step, whose graphs
+    for one row (alone) and for several (together) are not the same code."""
     torch.manual_seed(0)
-    return prepare_for_generation(inference.GPT(TINY_CONFIG).eval(), request.param), request.param
+    precision, _, compiled = request.param.partition(', ')
+    return prepare_for_generation(inference.GPT(TINY_CONFIG).eval(), precision, compile=bool(compiled)), request.param
 
 
 def test_together_equals_alone_whatever_joins_and_leaves(model, monkeypatch):
@@ -108,7 +112,8 @@ def test_sequences_stop_on_their_own_and_a_removed_one_frees_its_row(model):
         eot_model.transformer.ln_f.weight.zero_()
         eot_model.transformer.ln_f.bias.fill_(1.0)
         eot_model.lm_head.weight[EOT_TOKEN] = 10.0
-    eot_model = prepare_for_generation(eot_model, precision)
+    weights, _, compiled = precision.partition(', ')
+    eot_model = prepare_for_generation(eot_model, weights, compile=bool(compiled))
     assert list(generate_ids(eot_model, [1, 2], 5, temperature=0, stop_at_eot=True)) == []
     batch = Batch(eot_model, max_rows=2)
     stops = batch.add(Sequence([1, 2], max_new_tokens=5, temperature=0, stop_at_eot=True))

@@ -1,8 +1,8 @@
 """bench_inference.py runs end to end and writes its tables: every side made the asked-for tokens (it
 asserts that itself), every row has a speed and a fraction of the bandwidth bound, the time of a
-decode token is split into its parts, llama.cpp runs beside ours with the ratios computed from its
-rows, and the quality of each precision is judged on a checkpoint (the 124M figures in README come
-from the same code)."""
+decode token is split into its parts, llama.cpp runs beside ours, eager and compiled, with the ratios
+computed from its rows, and the quality of each precision is judged on a checkpoint (the 124M figures
+in README come from the same code)."""
 import re
 import subprocess
 import sys
@@ -35,13 +35,17 @@ def test_bench_inference_writes_its_tables(tmp_path):
     assert sorted((row[0], int(row[1])) for row in speed) == sorted(
         (side, n) for n in (4, 40) for side in ('transformers GPT2LMHeadModel.generate (float32)',
                                                 'inference.py (int8 weights)', 'inference.py (int4 weights)',
-                                                'inference.py (float32 weights)', *llama))
+                                                'inference.py (float32 weights)', 'inference.py (int8 weights, compiled)',
+                                                'inference.py (int4 weights, compiled)', *llama))
     # the ratios the README quotes, each our decode speed over llama.cpp's in the same run
     rate = {(row[0], row[1]): float(row[3]) for row in speed}
-    for ours, kind, n in (('int8', 'Q8_0', 4), ('int8', 'Q8_0', 40), ('int4', 'Q4_0', 4), ('int4', 'Q4_0', 40)):
-        ratio = float(re.search(rf'{ours} / {kind} at a {n}-token prompt: \*\*(\S+)\*\*', text).group(1))
-        theirs = rate[f'llama.cpp {kind} (llama-cpp-python {llama_cpp.__version__})', str(n)]
-        assert ratio == pytest.approx(rate[f'inference.py ({ours} weights)', str(n)] / theirs, abs=0.006)
+    for ours, kind in (('int8', 'Q8_0'), ('int4', 'Q4_0'), ('int8, compiled', 'Q8_0'), ('int4, compiled', 'Q4_0')):
+        for n in (4, 40):
+            ratio = float(re.search(rf'{ours} / {kind} at a {n}-token prompt: \*\*(\S+)\*\*', text).group(1))
+            theirs = rate[f'llama.cpp {kind} (llama-cpp-python {llama_cpp.__version__})', str(n)]
+            weights, _, compiled = ours.partition(', ')
+            side = f'inference.py ({weights} weights{", compiled" if compiled else ""})'
+            assert ratio == pytest.approx(rate[side, str(n)] / theirs, abs=0.006)
     for name, _, first_ms, rate, mb, bound, of_bound, of_int8 in speed:
         assert float(first_ms) > 0 and float(rate) > 0 and float(bound) > 0 and of_bound.endswith('%')
         assert float(mb) > 0 and of_int8.endswith('%') and ('int8' not in name or of_int8 == of_bound)

@@ -1,0 +1,223 @@
+"""
+Fast CPU generation: weights quantized to int8 or int4, and the decoding step compiled into one graph.
+
+inference.py, batching.py and app.py take both from here. One new token must read every weight once,
+so batch-1 decoding on a CPU is bound by memory bandwidth, not arithmetic (bench_inference.py measures
+how close it comes, beside llama.cpp on the same weights):
+
+- prepare_for_generation(model, 'int8') keeps each weight matrix as int8 with one scale per output row
+  (a quarter of the float32 bytes). A decoding step quantizes its activations to int8 per row and
+  multiplies int8 by int8 in torch._int_mm; a long prompt, which is arithmetic-bound, goes through a
+  matmul on the dequantized weights, in bf16 where the CPU has bf16 instructions. 'int4' reads about a
+  sixth (4 bits, and a scale and an offset per 32 weights), at a cost in accuracy that README gives.
+- CompiledDecoder runs the step of one new token per row as a single torch.compile graph: in eager
+  mode the small ops between the matmuls (LayerNorm, the activations' quantization, GELU, bias adds,
+  attention over the cache) cost a quarter of a token's time; compiled, they fuse into a few loops
+  around the matmul kernels. The first compile takes a while; torch keeps it on disk for later runs.
+"""
+import functools
+import time
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import GPT2_VOCAB_SIZE
+
+
+# ---- quantized weights ----
+
+# inputs per int4 scale and offset: groups of 64 and 128 change more of a trained model's likeliest
+# tokens (logs/bench_inference_cpu.md has the walk-through model's figures)
+INT4_GROUP_SIZE = 32
+
+
+@functools.cache
+def prompt_matmul_dtype():
+    """The faster dtype for a long prompt's matmuls on this CPU: bfloat16 runs several times faster
+    than float32 where the CPU has bf16 instructions (AVX512-BF16, AMX) and slower where it must
+    emulate them, so time one GPT-2-sized matmul in each (a few ms, once per process)."""
+    x, w = torch.randn(256, 768), torch.randn(768, 768)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd = x.to(dtype), w.to(dtype)
+        F.linear(xd, wd)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(5):
+            F.linear(xd, wd)
+        seconds[dtype] = time.perf_counter() - t0
+    return min(seconds, key=seconds.get)
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear with weight-only quantized weights, for generation (no gradients). A decoding step
+    (a few rows) multiplies in torch's quantized-weight kernel with bf16 activations, reading about
+    a quarter (int8) or a sixth (int4, with its scales and offsets) of the float32 bytes; the
+    subclasses say how the weight is stored. The bias stays float32, and so does the output."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]))  # (M, in) -> (M, out)
+        y = y.float() if self.bias is None else torch.add(self.bias, y)  # bf16 + fp32 -> fp32
+        return y.view(*shape[:-1], -1)
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights with one scale per output row: w ~ w_int8 * scale. A decoding step quantizes its
+    activations too, each row to int8 with a scale of its own, and multiplies int8 by int8 in
+    torch._int_mm (VNNI where the CPU has it), as llama.cpp's Q8_0 does with its blocks: 17% faster
+    than the bf16-activation kernel here, at a cost README gives."""
+
+    def __init__(self, linear):
+        super().__init__(linear)
+        self.prompt_dtype = prompt_matmul_dtype()
+        w = linear.weight.detach().float()
+        # the scales are rounded to bf16 (exact in the prompt path's dtype), kept as float32 for decoding
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16().float()
+        self.register_buffer('weight', torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer('scale', scale)
+
+    def matmul(self, x):
+        if x.size(0) <= 32:
+            # decoding: memory-bound, read 1 byte per weight. (M, in) -> int8 with a scale per row
+            x = x.float()
+            x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
+            q = torch.round(x / x_scale).to(torch.int8)
+            # (M, in) int8 @ (in, out) int8 view of the stored rows -> int32, then both scales
+            return torch._int_mm(q, self.weight.t()) * (x_scale * self.scale)
+        # a long prompt: arithmetic-bound, where a GEMM on the dequantized weight runs faster than the
+        # kernel (bf16 where the CPU has bf16 instructions)
+        w = self.weight.to(self.prompt_dtype) * self.scale.to(self.prompt_dtype)[:, None]
+        return F.linear(x.to(self.prompt_dtype), w)
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit weights with a scale and an offset per group of group_size inputs of each output row:
+    w ~ (q - 8) * scale + zero, q in 0..15, packed two to a byte in the layout of torch's CPU kernel,
+    which serves prompts as well (a 512-token prompt costs about 1.7 times the int8 path's GEMM)."""
+
+    def __init__(self, linear, group_size=INT4_GROUP_SIZE):
+        super().__init__(linear)
+        w = linear.weight.detach().float()
+        n_out, n_in = w.shape
+        if n_in % group_size:
+            raise ValueError(f'int4: {n_in} inputs do not split into groups of {group_size}')
+        self.group_size = group_size
+        w = w.view(n_out, n_in // group_size, group_size)
+        lo, hi = w.amin(dim=2), w.amax(dim=2)  # (out, groups)
+        # the kernel takes bf16 scales and offsets: round them first, then quantize against them
+        scale = ((hi - lo).clamp(min=1e-12) / 15).bfloat16().float()
+        zero = (lo + 8 * scale).bfloat16().float()
+        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32)
+        self.register_buffer('weight', torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n_out, n_in), 1))
+        # (groups, out, 2): the kernel's layout of the scales and offsets
+        self.register_buffer('scale_zero', torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().bfloat16())
+
+    def matmul(self, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, self.group_size,
+                                                            self.scale_zero)
+
+
+PRECISIONS = ('float32', 'int8', 'int4')
+
+
+def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE, compile=False):
+    """Make model (in place) a generation model: with precision 'int8' or 'int4', the quantized
+    linears above in every block and the head (float32: as it is); with compile, a CompiledDecoder as
+    model.compiled_decode, which inference.generate_ids and batching.Batch then decode with. Returns
+    model."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}: {", ".join(PRECISIONS)}')
+    if precision != 'float32':
+        if next(model.parameters()).device.type != 'cpu':
+            raise ValueError(f'precision {precision} is for the CPU; use float32 on other devices')
+        quantized = Int8Linear if precision == 'int8' else functools.partial(Int4Linear, group_size=int4_group_size)
+        for block in model.transformer.h:
+            block.attn.c_attn, block.attn.c_proj = quantized(block.attn.c_attn), quantized(block.attn.c_proj)
+            block.mlp.c_fc, block.mlp.c_proj = quantized(block.mlp.c_fc), quantized(block.mlp.c_proj)
+        model.lm_head = quantized(model.lm_head)  # wte keeps the fp32 table for the embedding lookup
+    if compile:
+        model.compiled_decode = CompiledDecoder(model)
+    return model
+
+
+# ---- the compiled decoding step ----
+
+class CompiledDecoder:
+    """One new token for each of the first B rows of a KV cache, every row at a position of its own,
+    as one torch.compile graph of the model's own modules (what GPT.forward does for one position).
+
+    The cache is only read inside the graph: each row attends to its cached positions and to its new
+    one apart, and the new keys and values come out to be stored after it, so that the graph has no
+    input that it also writes. The graph's shapes are fixed but two: the cached length L (any, from
+    2), and B (1, or any from 2). So it compiles once for B = 1 and once for B > 1, the first time each
+    comes; torch keeps the compiled code on disk (TORCHINDUCTOR_CACHE_DIR) and a later process loads it
+    in seconds."""
+
+    def __init__(self, model):
+        self.model = model
+        # Before each call torch checks that what the graph was made for still holds (guards). Checking
+        # the modules' attributes too would cost 0.4 ms a token here (5%), and they do not change once
+        # prepare_for_generation is done: so the guards skip them, and this decoder's step gets a code
+        # object of its own, because torch keeps its graphs per code object: another model's decoder
+        # (another precision, another size) must not find this one's graphs.
+        step = types.FunctionType(CompiledDecoder.step.__code__.replace(), globals())
+        self.compiled = torch.compile(types.MethodType(step, self), dynamic=False,
+                                      options={'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def step(self, tokens, positions, k, v, seen):
+        """tokens (B,) at positions (B,); k, v (n_layer, B, nh, L, hs): the cache's first L positions,
+        of which seen (B, L) marks each row's own. -> logits (B, vocab_size), and the new keys and
+        values (n_layer, B, nh, hs)."""
+        model = self.model
+        tr, B, nh = model.transformer, tokens.size(0), model.config.n_head
+        x = tr.wte(tokens) + tr.wpe(positions)  # (B, C)
+        hs = x.size(1) // nh
+        new_k, new_v = [], []
+        for i, block in enumerate(tr.h):
+            q, k_new, v_new = block.attn.c_attn(block.ln_1(x)).view(B, 3, nh, hs).unbind(1)  # (B, nh, hs)
+            cached = torch.einsum('bhd,bhld->bhl', q, k[i]).masked_fill(~seen[:, None, :], float('-inf'))
+            p = torch.softmax(torch.cat([cached, (q * k_new).sum(-1, keepdim=True)], -1) * hs ** -0.5, -1)
+            y = torch.einsum('bhl,bhld->bhd', p[..., :-1], v[i]) + p[..., -1:] * v_new  # (B, nh, hs)
+            x = x + block.attn.c_proj(y.reshape(B, -1))
+            x = x + block.mlp(block.ln_2(x))
+            new_k.append(k_new)
+            new_v.append(v_new)
+        logits = model.lm_head(tr.ln_f(x))
+        # the padded ids 50257..50303 are no tokens at all: they must never be sampled
+        logits = logits.masked_fill(torch.arange(logits.size(1), device=x.device) >= GPT2_VOCAB_SIZE, float('-inf'))
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def warm_up(self, k, v):
+        """Compile now rather than in the first request: a step for one row and, where the caches k, v
+        have several rows, one for two, on their rows 0 and 1 at position 1 (scratch: those rows are
+        written again before anything reads them)."""
+        for rows in (1, 2) if k.size(1) > 1 else (1,):
+            self(torch.zeros(rows, dtype=torch.long, device=k.device), [1] * rows, k, v)
+
+    @torch.inference_mode()
+    def __call__(self, tokens, lengths, k, v):
+        """Logits (B, vocab_size) of the next position of each row b < B: tokens (B,) go in at
+        positions lengths (B ints) of the caches k, v (n_layer, rows, nh, max_len, hs), and their keys
+        and values are stored there. The caller advances the lengths."""
+        B = tokens.size(0)
+        L = max(2, max(lengths))  # a length of 1 would compile apart: torch specializes sizes 0 and 1
+        positions = torch.tensor(lengths, device=tokens.device)
+        seen = torch.arange(L, device=tokens.device) < positions[:, None]  # (B, L)
+        k_seen, v_seen = k[:, :B, :, :L], v[:, :B, :, :L]
+        for t, dim in ((k_seen, 3), (v_seen, 3), (seen, 1)):
+            torch._dynamo.mark_dynamic(t, dim)
+        if B > 1:
+            for t, dim in ((tokens, 0), (positions, 0), (seen, 0), (k_seen, 1), (v_seen, 1)):
+                torch._dynamo.mark_dynamic(t, dim)
+        logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
+        rows = torch.arange(B, device=tokens.device)
+        k[:, rows, :, positions] = k_new.transpose(0, 1)  # the indexed dims come first: (B, n_layer, nh, hs)
+        v[:, rows, :, positions] = v_new.transpose(0, 1)
+        return logits

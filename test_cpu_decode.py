@@ -1,0 +1,111 @@
+"""cpu_decode.CompiledDecoder: the compiled decoding step makes the logits of the model's own eager step,
+in every precision, at every cached length from 1 to the end of the block; generate_ids decodes through
+it, from an empty prompt and through context restarts, to the eager tokens; each model's decoder keeps
+to its own graphs when several live in one process; and `inference.py --compile` writes the text that
+the eager path writes. Tiny random models: each graph compiles in a few seconds."""
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, run_cli, tiny_checkpoint
+from cpu_decode import PRECISIONS, prepare_for_generation
+from data import GPT2_VOCAB_SIZE
+from inference import generate_ids
+from model import GPT, KVCache
+
+# the compiled step's logits against the eager step's, same weights and tokens. float32: equal to the
+# last bits (the fused LayerNorm and softmax round a few values otherwise). int8 and int4 run the same
+# matmul kernels, but a last-bit change in an activation can move its int8 code (int8) or its bf16
+# rounding (int4, whose kernel also rounds its output to bf16) by one step: measured here, 1.2e-5 and
+# 3.9e-3 (one bf16 step at a logit near 1)
+ATOL = {'float32': 1e-5, 'int8': 1e-4, 'int4': 1e-2}
+# (prompt ids, settings): an empty prompt (<|endoftext|> alone: one cached position at the first
+# decoding step), greedy and sampled, and 150 new tokens on a 64-token context: three context restarts
+REQUESTS = [([], dict(max_new_tokens=20, temperature=0)),
+            ([11, 12, 13], dict(max_new_tokens=150, temperature=0.8, top_k=40, seed=1)),
+            (list(range(500, 560)), dict(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=2))]
+
+
+@pytest.fixture(scope='module')
+def base():
+    torch.manual_seed(0)
+    return GPT(TINY_CONFIG).eval()
+
+
+@pytest.mark.parametrize('precision', PRECISIONS)
+def test_compiled_step_gives_the_eager_logits(base, precision):
+    """The same tokens through both, one position at a time from one cached position to the end of the
+    block (every cached length the graph must take, from the padded 1 to 63)."""
+    eager = prepare_for_generation(copy.deepcopy(base), precision)
+    compiled = prepare_for_generation(copy.deepcopy(base), precision, compile=True)
+    tokens = torch.randint(0, GPT2_VOCAB_SIZE, (TINY_CONFIG.block_size,), generator=torch.Generator().manual_seed(0))
+    cache_e, cache_c = (KVCache(TINY_CONFIG, 1, TINY_CONFIG.block_size) for _ in range(2))
+    worst = 0.0
+    with torch.inference_mode():
+        eager(tokens[None, :1], cache=cache_e)
+        compiled(tokens[None, :1], cache=cache_c)
+        for i in range(1, TINY_CONFIG.block_size):
+            a = eager(tokens[None, i:i + 1], cache=cache_e, last_only=True)[0][0, -1]
+            b = compiled.compiled_decode(tokens[i:i + 1], [cache_c.pos], cache_c.k, cache_c.v)[0]
+            cache_c.advance(1)
+            assert torch.isinf(b[GPT2_VOCAB_SIZE:]).all() and (b[GPT2_VOCAB_SIZE:] < 0).all()
+            worst = max(worst, (a[:GPT2_VOCAB_SIZE] - b[:GPT2_VOCAB_SIZE]).abs().max().item())
+    print(f'{precision}: compiled within {worst:.1e} of eager')
+    assert worst <= ATOL[precision]
+    # the keys and values it stored are those the eager step stored
+    assert torch.allclose(cache_c.k, cache_e.k, atol=ATOL[precision]) and torch.allclose(cache_c.v, cache_e.v,
+                                                                                           atol=ATOL[precision])
+
+
+def test_generate_ids_decodes_through_it(base, monkeypatch):
+    """generate_ids with a compiled model: the eager model's tokens (float32, where the two agree to the
+    last bits), every token after a prompt pass made by the compiled step."""
+    eager = prepare_for_generation(copy.deepcopy(base), 'float32')
+    compiled = prepare_for_generation(copy.deepcopy(base), 'float32', compile=True)
+    decoder, forward = compiled.compiled_decode, compiled.forward
+    step, steps, passes = decoder.compiled, [], []
+    monkeypatch.setattr(decoder, 'compiled', lambda *args: steps.append(1) or step(*args))
+    monkeypatch.setattr(compiled, 'forward', lambda *args, **kwargs: passes.append(1) or forward(*args, **kwargs))
+    for ids, settings in REQUESTS:
+        steps.clear(), passes.clear()
+        assert list(generate_ids(compiled, ids, **settings)) == list(generate_ids(eager, ids, **settings))
+        # the first token and the first after each context restart come from a prompt pass
+        assert len(steps) + len(passes) == settings['max_new_tokens'] and 1 <= len(passes) <= 4
+
+
+def last_logits(model, tokens, compiled):
+    """The logits of the last of tokens, the others fed one at a time before it: through the compiled
+    step, or the eager one."""
+    cache = KVCache(model.config, 1, model.config.block_size)
+    with torch.inference_mode():
+        model(tokens[None, :1], cache=cache)
+        for i in range(1, len(tokens)):
+            if compiled:
+                logits = model.compiled_decode(tokens[i:i + 1], [cache.pos], cache.k, cache.v)[0]
+                cache.advance(1)
+            else:
+                logits = model(tokens[None, i:i + 1], cache=cache, last_only=True)[0][0, -1]
+    return logits[:GPT2_VOCAB_SIZE]
+
+
+def test_each_model_keeps_to_its_own_graphs(base):
+    """Two decoders in one process, of different precisions, called in turn: each makes its own model's
+    logits. (Their guards skip the modules' attributes: a shared graph would run int8 kernels on int4
+    weights or the other way round.)"""
+    compiled = {p: prepare_for_generation(copy.deepcopy(base), p, compile=True) for p in ('int8', 'int4')}
+    eager = {p: last_logits(prepare_for_generation(copy.deepcopy(base), p), torch.arange(5, 15), False)
+             for p in ('int8', 'int4')}
+    assert (eager['int8'] - eager['int4']).abs().max() > 4 * ATOL['int4']  # the check below tells them apart
+    for _ in range(2):
+        for p in ('int8', 'int4'):
+            assert (last_logits(compiled[p], torch.arange(5, 15), True) - eager[p]).abs().max() <= ATOL[p]
+
+
+def test_cli_compile_writes_the_eager_text(tmp_path):
+    tiny_checkpoint(tmp_path / 'ckpt.pt')
+    args = ['--checkpoint', str(tmp_path / 'ckpt.pt'), '--prompt', 'ROMEO:', '--max-new-tokens', '40',
+            '--temperature', '0.7', '--top-k', '50', '--seed', '1']
+    eager, compiled = run_cli(*args), run_cli(*args, '--compile')
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stdout == eager.stdout and ', compiled' in compiled.stderr
