@@ -355,22 +355,27 @@ def test_int8_and_int4_cost_what_readme_says_on_the_walkthrough_model(tmp_path):
             return torch.cat([F.log_softmax(model(tokens[i:i + T][None])[0][0, :, :GPT2_VOCAB_SIZE], -1)
                               for i in range(0, 1024, T)])
     def decoded_log_probs(model):  # the same, one position at a time through the KV cache: the decode path
-        out = []
+        out, decode = [], getattr(model, 'compiled_decode', None)  # the compiled step, where it has one
         with torch.no_grad():
             for i in range(0, 1024, T):
                 cache = KVCache(model.config, 1, T)
                 for j in range(i, i + T):
-                    logits = model(tokens[j:j + 1][None], cache=cache, last_only=True)[0][0, -1, :GPT2_VOCAB_SIZE]
-                    out.append(F.log_softmax(logits, -1))
+                    if decode is not None and cache.pos > 0:
+                        logits = decode(tokens[j:j + 1], [cache.pos], cache.k, cache.v)[0]
+                        cache.advance(1)
+                    else:
+                        logits = model(tokens[j:j + 1][None], cache=cache, last_only=True)[0][0, -1]
+                    out.append(F.log_softmax(logits[:GPT2_VOCAB_SIZE], -1))
         return torch.stack(out)
     base = log_probs(fp32)
     # int8 decoding quantizes the activations too: README gives its cost apart
-    int8 = decoded_log_probs(prepare_for_generation(copy.deepcopy(fp32), 'int8'))
-    agree = (int8.argmax(-1) == base.argmax(-1)).double().mean().item()
-    divergence = (base.exp() * (base - int8)).sum(-1).mean().item()
-    print(f'int8, decoding: top-1 agreement {agree:.2%}, KL {divergence:.2e}')
-    agreement, kl = README_INT8_DECODING
-    assert abs(agree - agreement) <= 0.0011 and abs(divergence - kl) <= 0.2 * kl, (agree, divergence)
+    for compiled in (False, True):  # the compiled step decodes as well (logs/compiled_decoding.md)
+        int8 = decoded_log_probs(prepare_for_generation(copy.deepcopy(fp32), 'int8', compile=compiled))
+        agree = (int8.argmax(-1) == base.argmax(-1)).double().mean().item()
+        divergence = (base.exp() * (base - int8)).sum(-1).mean().item()
+        print(f'int8, decoding{", compiled" if compiled else ""}: top-1 agreement {agree:.2%}, KL {divergence:.2e}')
+        agreement, kl = README_INT8_DECODING
+        assert abs(agree - agreement) <= 0.0011 and abs(divergence - kl) <= 0.2 * kl, (compiled, agree, divergence)
     for precision, (agreement, kl) in README_QUALITY.items():
         lp = log_probs(prepare_for_generation(copy.deepcopy(fp32), precision))
         agree = (lp.argmax(-1) == base.argmax(-1)).double().mean().item()
