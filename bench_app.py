@@ -1,6 +1,7 @@
 """
 Serving benchmark: a real `python app.py` under 1, 4, 8 and 16 concurrent gradio_client clients, one
-request at a time (--batch-rows 1) against requests decoded together (--batch-rows 4 and 8), in one
+request at a time (--batch-rows 1) against requests decoded together (--batch-rows 4 and 8; --compiled-rows:
+the same with app.py --compile), in one
 run, the client counts interleaved so that a noisy moment of the machine hits every server alike.
 
     python bench_app.py                       # GPT-2 124M (random init: speed does not depend on it)
@@ -30,6 +31,8 @@ from model import GPT, GPTConfig
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--checkpoint', default=None, help='the model to serve (default: a GPT-2 124M at random init)')
 parser.add_argument('--batch-rows', type=int, nargs='+', default=[1, 4, 8], help="the servers' --batch-rows")
+parser.add_argument('--compiled-rows', type=int, nargs='*', default=[],
+                    help="also servers started with app.py --compile, with these --batch-rows (default: none)")
 parser.add_argument('--clients', type=int, nargs='+', default=[1, 4, 8, 16], help='concurrent clients')
 parser.add_argument('--requests', type=int, default=2, help='requests per client, one after the other')
 parser.add_argument('--new-tokens', type=int, default=50, help='max tokens per request')
@@ -49,11 +52,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(rows, model_path, log_path):
+def start_server(rows, compiled, model_path, log_path):
     port = free_port()
     env = {**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False'}
     proc = subprocess.Popen([sys.executable, 'app.py', '--checkpoint', model_path, '--port', str(port),
-                             '--batch-rows', str(rows)], env=env, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT)
+                             '--batch-rows', str(rows), *(['--compile'] if compiled else [])], env=env,
+                            stdout=open(log_path, 'w'), stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
     deadline = time.time() + 300
     while True:
@@ -115,7 +119,10 @@ if model_path is None:
     torch.manual_seed(0)
     model_path = os.path.join(workdir, 'gpt2-124m.pt')
     checkpoint.save_model_only(GPT(GPTConfig()), model_path, torch.float32)
-servers = {rows: start_server(rows, model_path, os.path.join(workdir, f'app-{rows}.log')) for rows in args.batch_rows}
+configs = [(rows, False) for rows in args.batch_rows] + [(rows, True) for rows in args.compiled_rows]
+servers = {f'{rows}{", compiled" if compiled else ""}': start_server(rows, compiled, model_path,
+                                                                   os.path.join(workdir, f'app-{rows}-{compiled}.log'))
+           for rows, compiled in configs}
 rows_out = []
 try:
     for url in (url for _, url in servers.values()):  # warm-up: one request each
@@ -134,7 +141,7 @@ try:
                        refused=sum(r[0] == 'refused' for r in results),
                        failed=sum(r[0].startswith('failed') for r in results), rss=rss, peak=peak)
             rows_out.append(row)
-            print(f"rows {rows} clients {n_clients:2d}: {row['tok_s']:6.1f} tok/s, first token {row['first_med']:.2f} "
+            print(f"rows {rows:12s} clients {n_clients:2d}: {row['tok_s']:6.1f} tok/s, first token {row['first_med']:.2f} "
                   f"/ {row['first_p95']:.2f} s, last {row['last_med']:.2f} / {row['last_p95']:.2f} s, "
                   f"{row['answered']} answered, {row['refused']} refused, {row['failed']} failed, {rss:.0f} MiB",
                   flush=True)

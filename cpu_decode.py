@@ -194,6 +194,7 @@ class CompiledDecoder:
         logits = logits.masked_fill(torch.arange(logits.size(1), device=x.device) >= GPT2_VOCAB_SIZE, float('-inf'))
         return logits, torch.stack(new_k), torch.stack(new_v)
 
+    @torch.inference_mode()  # as generate_ids and Batch.step run it: an inference tensor compiles apart
     def warm_up(self, k, v):
         """Compile now rather than in the first request: a step for one row and, where the caches k, v
         have several rows, one for two, on their rows 0 and 1 at position 1 (scratch: those rows are

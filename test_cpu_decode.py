@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from batching import Batch, Sequence
 from conftest import TINY_CONFIG, run_cli, tiny_checkpoint
 from cpu_decode import PRECISIONS, prepare_for_generation
 from data import GPT2_VOCAB_SIZE
@@ -100,6 +101,25 @@ def test_each_model_keeps_to_its_own_graphs(base):
     for _ in range(2):
         for p in ('int8', 'int4'):
             assert (last_logits(compiled[p], torch.arange(5, 15), True) - eager[p]).abs().max() <= ATOL[p]
+
+
+def test_a_warmed_up_server_compiles_nothing_more(base):
+    """batching.Server warms its model's decoder up before it takes requests: after that, steps of one
+    row and of several, at any cached length, run graphs already made (a compile in a request would
+    stall every client for as long as the compile takes: half a minute for GPT-2 124M)."""
+    from torch._dynamo.utils import counters
+    model = prepare_for_generation(copy.deepcopy(base), 'int8', compile=True)
+    batch = Batch(model, max_rows=4)
+    model.compiled_decode.warm_up(batch.cache.k, batch.cache.v)
+    graphs = counters['stats']['unique_graphs']
+    batch.add(Sequence([1, 2, 3], max_new_tokens=20, temperature=0.7, seed=1))
+    for _ in range(5):
+        batch.step()  # a prompt pass, then one row
+    for ids in ([4], list(range(30, 70))):
+        batch.add(Sequence(ids, max_new_tokens=10, temperature=0))
+    while batch:
+        batch.step()  # three rows, then fewer as they finish
+    assert counters['stats']['unique_graphs'] == graphs
 
 
 def test_cli_compile_writes_the_eager_text(tmp_path):
