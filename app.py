@@ -57,8 +57,8 @@ def load(source=None, compile=False):
     precision = 'int8' if next(model.parameters()).device.type == 'cpu' else 'float32'
     prepare_for_generation(model, precision, compile=compile)
     step = f', trained {info["step"]} steps' if info['step'] is not None else ''
-    about = (f'{info["path"]}{step}, {info["params"] / 1e6:.1f}M parameters, {precision} weights'
-             f'{", compiled decoding" if compile else ""}, {torch.get_num_threads()} CPU threads')
+    about = (f'{info["path"]}{step}, {info["params"] / 1e6:.1f}M parameters, {precision} weights, '
+             f'{torch.get_num_threads()} CPU threads')
     return model, info['path'], about
 
 
@@ -208,6 +208,8 @@ def make_generate_fn(model, about, server=None):
 def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS, compile=False):
     model, path, about = load(source, compile)
     server = Server(model, batch_rows) if model is not None else None
+    if server is not None and compile:  # the server compiled it, or said in the log why it could not
+        about += ', compiled decoding' if server.compiled else ', eager decoding (the compile failed: see the log)'
     metrics = find_metrics(source or os.environ.get(MODEL_ENV_VAR), path)
     if announce:  # the server's log says what it serves
         print(f'model: {about if model is not None else "none: " + about}', flush=True)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EOT_TOKEN
+from cpu_decode import compile_decoding
 from inference import sample_next
 from model import KVCache
 
@@ -213,11 +214,13 @@ class Server:
 
     def __init__(self, model, max_rows=4, log=print):
         self.batch, self.log = Batch(model, max_rows), log
-        decode = getattr(model, 'compiled_decode', None)
-        if decode is not None:  # compile before the first request, not during it
+        self.compiled = hasattr(model, 'compiled_decode')
+        if self.compiled:  # compile before the first request, not during it
             t0 = time.perf_counter()
-            decode.warm_up(self.batch.cache.k, self.batch.cache.v)
-            log(f'batching: compiled the decoding step in {time.perf_counter() - t0:.1f} s')
+            why = compile_decoding(model, self.batch.cache.k, self.batch.cache.v)
+            self.compiled = why is None
+            log(f'batching: compiled the decoding step in {time.perf_counter() - t0:.1f} s' if self.compiled else
+                f'batching: cannot compile the decoding step ({why}); decoding eagerly')
         self.waiting, self.streams = queue.Queue(), {}
         self.thread = threading.Thread(target=self.run, name='batching', daemon=True)
         self.thread.start()

@@ -211,12 +211,13 @@ def server(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def app_server(tmp, *args):
-    """`python app.py ARGS` as the server fixture starts it, in folder tmp: (URL, checkpoint, log file)."""
+def app_server(tmp, *args, env=None):
+    """`python app.py ARGS` as the server fixture starts it, in folder tmp, with env added to the
+    environment: (URL, checkpoint, log file)."""
     ckpt = write_run(str(tmp / 'run-test'))
     port = free_port()
     env = {**os.environ, 'GPT2_SHAKESPEARE_MODEL': ckpt, 'GRADIO_SERVER_NAME': '127.0.0.1',
-           'GRADIO_SERVER_PORT': str(port), 'GRADIO_ANALYTICS_ENABLED': 'False'}
+           'GRADIO_SERVER_PORT': str(port), 'GRADIO_ANALYTICS_ENABLED': 'False', **(env or {})}
     log = open(tmp / 'app.log', 'w')
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'app.py'), *args], env=env, cwd=tmp,
                             stdout=log, stderr=subprocess.STDOUT)

@@ -149,6 +149,21 @@ def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROU
 
 # ---- the compiled decoding step ----
 
+# what torch.compile raises when it cannot make the graph: no working C++ compiler on the machine, say
+COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError)
+
+
+def compile_decoding(model, k, v):
+    """Compile model.compiled_decode now, for caches k, v like those it will decode with. Returns None,
+    or one line saying why it could not: then the decoder is gone and the model decodes eagerly."""
+    try:
+        model.compiled_decode.warm_up(k, v)
+    except COMPILE_ERRORS as e:
+        del model.compiled_decode
+        return f'{type(e).__name__}: {str(e).strip().splitlines()[0]}'
+    return None
+
+
 class CompiledDecoder:
     """One new token for each of the first B rows of a KV cache, every row at a position of its own,
     as one torch.compile graph of the model's own modules (what GPT.forward does for one position).

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import checkpoint
 import export
 from checkpoint import CheckpointError
-from cpu_decode import PRECISIONS, prepare_for_generation
+from cpu_decode import PRECISIONS, compile_decoding, prepare_for_generation
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
 from model import GPT, GPTConfig, KVCache
 from runtime import pick_device
@@ -286,6 +286,13 @@ def main(argv=None):
         else:
             precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
             prepare_for_generation(model, precision, compile=args.compile)
+            if args.compile:  # before any text: a compiler missing says so in one line, and text comes all the same
+                with torch.inference_mode():  # a cache as generate_ids makes it: an inference tensor
+                    scratch = KVCache(model.config, 1, model.config.block_size, device=device)
+                why = compile_decoding(model, scratch.k, scratch.v)
+                if why:
+                    print(f'# --compile: cannot compile the decoding step ({why}); decoding eagerly', file=sys.stderr)
+                    args.compile = False
     except (ValueError, CheckpointError) as e:
         sys.exit(f'error: {e}')
     if gguf:

@@ -37,6 +37,7 @@ def test_streams_text_token_by_token_and_reproducibly(server):
     assert client.predict('ROMEO:', 20, 0.7, 50, 1, api_name='/generate')[0] == texts[-1]
 
 
+@pytest.mark.slow  # two servers of their own, each compiling: the slow suite keeps the main one near 5 minutes
 def test_compiled_app_serves_the_texts_of_compiled_inference(tmp_path):
     """python app.py --compile compiles before it listens (its log says so, and so does the Model line),
     and three clients at once, decoding in one batch through the compiled step, get the texts that
@@ -54,7 +55,18 @@ def test_compiled_app_serves_the_texts_of_compiled_inference(tmp_path):
             text, status = job.result(timeout=120)
             assert status.startswith(f'{n} tokens in ')
             assert text == prompt + ''.join(generate(model, prompt, n, temperature, top_k or None, seed=seed))
-        assert 'int8 weights, compiled decoding' in urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'CPU threads, compiled decoding' in urllib.request.urlopen(url, timeout=10).read().decode()
+    # no working C++ compiler (and a fresh compiler cache): the log says so in a line, the page says
+    # eager, and the server serves the same texts all the same
+    (tmp_path / 'broken').mkdir()
+    env = {'CXX': str(tmp_path / 'no-such-compiler'), 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')}
+    with app_server(tmp_path / 'broken', '--compile', env=env) as (url, ckpt, log):
+        assert 'batching: cannot compile the decoding step (' in log.read_text()
+        assert 'Traceback' not in log.read_text()
+        assert 'eager decoding (the compile failed' in urllib.request.urlopen(url, timeout=10).read().decode()
+        prompt, n, temperature, top_k, seed = requests[0]
+        text, _ = Client(url, verbose=False).predict(*requests[0], api_name='/generate')
+        assert text == prompt + ''.join(generate(model, prompt, n, temperature, top_k or None, seed=seed))
 
 
 def test_concurrent_requests_stream_their_own_text_and_a_gone_client_frees_its_row(server):

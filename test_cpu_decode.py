@@ -123,9 +123,18 @@ def test_a_warmed_up_server_compiles_nothing_more(base):
 
 
 def test_cli_compile_writes_the_eager_text(tmp_path):
+    """And where the compile cannot run (no working C++ compiler: inductor's CPU code is C++), one line
+    says so and the text comes eagerly: no traceback."""
     tiny_checkpoint(tmp_path / 'ckpt.pt')
     args = ['--checkpoint', str(tmp_path / 'ckpt.pt'), '--prompt', 'ROMEO:', '--max-new-tokens', '40',
             '--temperature', '0.7', '--top-k', '50', '--seed', '1']
-    eager, compiled = run_cli(*args), run_cli(*args, '--compile')
+    eager, compiled = run_cli(*args), run_cli(*args, '--compile', env={'TORCH_LOGS': 'recompiles'})
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout == eager.stdout and ', compiled' in compiled.stderr
+    assert 'Recompiling' not in compiled.stderr  # the graph made before the text is the one it runs
+    # a fresh compiler cache, so that nothing compiled before can stand in for the compile
+    broken = run_cli(*args, '--compile', env={'CXX': str(tmp_path / 'no-such-compiler'),
+                                              'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')})
+    assert broken.returncode == 0 and broken.stdout == eager.stdout, broken.stderr[-2000:]
+    assert '# --compile: cannot compile the decoding step (' in broken.stderr and 'Traceback' not in broken.stderr
+    assert ', compiled' not in broken.stderr
