@@ -34,24 +34,31 @@ def base():
     return GPT(TINY_CONFIG).eval()
 
 
+def fed_logits(model, tokens, compiled):
+    """([logits (vocab_size,) after each of tokens[1:]], the cache): the tokens fed one at a time after a
+    prompt pass of the first, through the compiled step or the eager one."""
+    cache, out = KVCache(model.config, 1, model.config.block_size), []
+    with torch.inference_mode():
+        model(tokens[None, :1], cache=cache)
+        for i in range(1, len(tokens)):
+            if compiled:
+                out.append(model.compiled_decode(tokens[i:i + 1], [cache.pos], cache.k, cache.v)[0])
+                cache.advance(1)
+            else:
+                out.append(model(tokens[None, i:i + 1], cache=cache, last_only=True)[0][0, -1])
+    return out, cache
+
+
 @pytest.mark.parametrize('precision', PRECISIONS)
 def test_compiled_step_gives_the_eager_logits(base, precision):
     """The same tokens through both, one position at a time from one cached position to the end of the
     block (every cached length the graph must take, from the padded 1 to 63)."""
-    eager = prepare_for_generation(copy.deepcopy(base), precision)
-    compiled = prepare_for_generation(copy.deepcopy(base), precision, compile=True)
     tokens = torch.randint(0, GPT2_VOCAB_SIZE, (TINY_CONFIG.block_size,), generator=torch.Generator().manual_seed(0))
-    cache_e, cache_c = (KVCache(TINY_CONFIG, 1, TINY_CONFIG.block_size) for _ in range(2))
-    worst = 0.0
-    with torch.inference_mode():
-        eager(tokens[None, :1], cache=cache_e)
-        compiled(tokens[None, :1], cache=cache_c)
-        for i in range(1, TINY_CONFIG.block_size):
-            a = eager(tokens[None, i:i + 1], cache=cache_e, last_only=True)[0][0, -1]
-            b = compiled.compiled_decode(tokens[i:i + 1], [cache_c.pos], cache_c.k, cache_c.v)[0]
-            cache_c.advance(1)
-            assert torch.isinf(b[GPT2_VOCAB_SIZE:]).all() and (b[GPT2_VOCAB_SIZE:] < 0).all()
-            worst = max(worst, (a[:GPT2_VOCAB_SIZE] - b[:GPT2_VOCAB_SIZE]).abs().max().item())
+    eager, cache_e = fed_logits(prepare_for_generation(copy.deepcopy(base), precision), tokens, False)
+    compiled, cache_c = fed_logits(prepare_for_generation(copy.deepcopy(base), precision, compile=True), tokens, True)
+    assert len(compiled) == TINY_CONFIG.block_size - 1
+    assert all(torch.isinf(b[GPT2_VOCAB_SIZE:]).all() and (b[GPT2_VOCAB_SIZE:] < 0).all() for b in compiled)
+    worst = max((a[:GPT2_VOCAB_SIZE] - b[:GPT2_VOCAB_SIZE]).abs().max().item() for a, b in zip(eager, compiled))
     print(f'{precision}: compiled within {worst:.1e} of eager')
     assert worst <= ATOL[precision]
     # the keys and values it stored are those the eager step stored
@@ -75,32 +82,19 @@ def test_generate_ids_decodes_through_it(base, monkeypatch):
         assert len(steps) + len(passes) == settings['max_new_tokens'] and 1 <= len(passes) <= 4
 
 
-def last_logits(model, tokens, compiled):
-    """The logits of the last of tokens, the others fed one at a time before it: through the compiled
-    step, or the eager one."""
-    cache = KVCache(model.config, 1, model.config.block_size)
-    with torch.inference_mode():
-        model(tokens[None, :1], cache=cache)
-        for i in range(1, len(tokens)):
-            if compiled:
-                logits = model.compiled_decode(tokens[i:i + 1], [cache.pos], cache.k, cache.v)[0]
-                cache.advance(1)
-            else:
-                logits = model(tokens[None, i:i + 1], cache=cache, last_only=True)[0][0, -1]
-    return logits[:GPT2_VOCAB_SIZE]
-
-
 def test_each_model_keeps_to_its_own_graphs(base):
     """Two decoders in one process, of different precisions, called in turn: each makes its own model's
     logits. (Their guards skip the modules' attributes: a shared graph would run int8 kernels on int4
     weights or the other way round.)"""
     compiled = {p: prepare_for_generation(copy.deepcopy(base), p, compile=True) for p in ('int8', 'int4')}
-    eager = {p: last_logits(prepare_for_generation(copy.deepcopy(base), p), torch.arange(5, 15), False)
+    tokens = torch.arange(5, 15)
+    eager = {p: fed_logits(prepare_for_generation(copy.deepcopy(base), p), tokens, False)[0][-1][:GPT2_VOCAB_SIZE]
              for p in ('int8', 'int4')}
     assert (eager['int8'] - eager['int4']).abs().max() > 4 * ATOL['int4']  # the check below tells them apart
     for _ in range(2):
         for p in ('int8', 'int4'):
-            assert (last_logits(compiled[p], torch.arange(5, 15), True) - eager[p]).abs().max() <= ATOL[p]
+            last = fed_logits(compiled[p], tokens, True)[0][-1][:GPT2_VOCAB_SIZE]
+            assert (last - eager[p]).abs().max() <= ATOL[p]
 
 
 def test_a_warmed_up_server_compiles_nothing_more(base):
