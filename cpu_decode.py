@@ -7,9 +7,10 @@ how close it comes, beside llama.cpp on the same weights):
 
 - prepare_for_generation(model, 'int8') keeps each weight matrix as int8 with one scale per output row
   (a quarter of the float32 bytes). A decoding step quantizes its activations to int8 per row and
-  multiplies int8 by int8 in torch._int_mm; a long prompt, which is arithmetic-bound, goes through a
-  matmul on the dequantized weights, in bf16 where the CPU has bf16 instructions. 'int4' reads about a
-  sixth (4 bits, and a scale and an offset per 32 weights), at a cost in accuracy that README gives.
+  multiplies int8 by int8 in torch._int_mm (in fbgemm's kernel for the head, which reads it faster);
+  a long prompt, which is arithmetic-bound, goes through a matmul on the dequantized weights, in bf16
+  where the CPU has bf16 instructions. 'int4' reads about a sixth (4 bits, and a scale and an offset
+  per 32 weights), at a cost in accuracy that README gives.
 - CompiledDecoder runs the step of one new token per row as a single torch.compile graph: in eager
   mode the small ops between the matmuls (LayerNorm, the activations' quantization, GELU, bias adds,
   attention over the cache) cost a quarter of a token's time; compiled, they fuse into a few loops
@@ -18,6 +19,8 @@ how close it comes, beside llama.cpp on the same weights):
 import functools
 import time
 import types
+import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -70,11 +73,12 @@ class QuantizedLinear(nn.Module):
 
 class Int8Linear(QuantizedLinear):
     """int8 weights with one scale per output row: w ~ w_int8 * scale. A decoding step quantizes its
-    activations too, each row to int8 with a scale of its own, and multiplies int8 by int8 in
-    torch._int_mm (VNNI where the CPU has it), as llama.cpp's Q8_0 does with its blocks: 17% faster
-    than the bf16-activation kernel here, at a cost README gives."""
+    activations too, each row to int8 with a scale of its own, and multiplies int8 by int8 with int32
+    sums (VNNI where the CPU has it), as llama.cpp's Q8_0 does with its blocks: 17% faster than the
+    bf16-activation kernel here, at a cost README gives. The kernel is torch._int_mm or, with
+    fbgemm=True (the head), fbgemm's where torch has it: the same int32 sums and float32 outputs."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, fbgemm=False):
         super().__init__(linear)
         self.prompt_dtype = prompt_matmul_dtype()
         w = linear.weight.detach().float()
@@ -82,19 +86,73 @@ class Int8Linear(QuantizedLinear):
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16().float()
         self.register_buffer('weight', torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer('scale', scale)
+        self.fbgemm_weight = fbgemm_pack(self.weight, self.scale) if fbgemm else None
+        self.register_fbgemm()
+
+    def register_fbgemm(self):
+        if self.fbgemm_weight is not None:  # where fbgemm_int8_mm finds it
+            self.fbgemm_key = id(self)
+            FBGEMM_LINEARS[self.fbgemm_key] = self
+
+    def __setstate__(self, state):  # a copy (copy.deepcopy, pickle) is a linear of its own
+        super().__setstate__(state)
+        self.register_fbgemm()
 
     def matmul(self, x):
         if x.size(0) <= 32:
-            # decoding: memory-bound, read 1 byte per weight. (M, in) -> int8 with a scale per row
+            # decoding: memory-bound, read 1 byte per weight. (M, in) -> int8 values with a scale per row
             x = x.float()
             x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
-            q = torch.round(x / x_scale).to(torch.int8)
-            # (M, in) int8 @ (in, out) int8 view of the stored rows -> int32, then both scales
-            return torch._int_mm(q, self.weight.t()) * (x_scale * self.scale)
+            q = torch.round(x / x_scale)
+            if self.fbgemm_weight is not None:
+                return fbgemm_int8_mm(q, self.fbgemm_key) * x_scale
+            # (M, in) int8 @ (in, out) int8 view of the stored rows -> int32, then the weight's scales
+            # and the activations' (in fbgemm's order: the same float32 results)
+            return torch._int_mm(q.to(torch.int8), self.weight.t()) * self.scale * x_scale
         # a long prompt: arithmetic-bound, where a GEMM on the dequantized weight runs faster than the
         # kernel (bf16 where the CPU has bf16 instructions)
         w = self.weight.to(self.prompt_dtype) * self.scale.to(self.prompt_dtype)[:, None]
         return F.linear(x.to(self.prompt_dtype), w)
+
+
+# For the head (50304 x 768: 38.6M weights, a third of what a token reads), fbgemm's int8 GEMM (the
+# kernel of torch's quantized linear on x86) read the weights 1.5 times as fast as torch._int_mm at one
+# row and 1.8 times at 8 rows on this project's CPU. For the blocks' matrices (0.6M to 2.4M weights)
+# it was no faster in a whole decoding step, and it costs about 12 us more a call: they keep _int_mm.
+# fbgemm keeps a packed copy of the weight (38.6 MB); the int8 one stays for the prompt path.
+FBGEMM_LINEARS = weakref.WeakValueDictionary()  # fbgemm_key -> Int8Linear
+
+
+def fbgemm_pack(weight, scale):
+    """int8 weight (out, in) with a scale per row, packed for fbgemm; None where torch has no fbgemm
+    (a CPU other than x86, or a torch that has dropped its quantized tensors, which 2.13 deprecates)."""
+    if 'fbgemm' not in torch.backends.quantized.supported_engines:
+        return None
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = 'fbgemm'  # the default 'x86' may pack for oneDNN instead
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'torch.quantize_per_tensor', UserWarning)  # the deprecation
+            w = torch._make_per_channel_quantized_tensor(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(w, None)
+    except (AttributeError, RuntimeError):
+        return None
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+@torch.library.custom_op('gpt2::fbgemm_int8_mm', mutates_args=())
+def fbgemm_int8_mm(q: torch.Tensor, key: int) -> torch.Tensor:
+    """q (M, in): whole numbers in -127..127, as float32 -> (M, out) float32: the int32 sums of q times
+    the int8 weight of FBGEMM_LINEARS[key], times its scales. (A custom op, because torch.compile cannot
+    take fbgemm's packed weight as an input: it finds the weight by key.)"""
+    # fbgemm quantizes q with scale 1 and offset 128, to uint8 exactly, and takes the offset back out
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, FBGEMM_LINEARS[key].fbgemm_weight)
+
+
+@fbgemm_int8_mm.register_fake
+def _(q, key):
+    return q.new_empty(q.size(0), FBGEMM_LINEARS[key].out_features)
 
 
 class Int4Linear(QuantizedLinear):
@@ -141,7 +199,8 @@ def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROU
         for block in model.transformer.h:
             block.attn.c_attn, block.attn.c_proj = quantized(block.attn.c_attn), quantized(block.attn.c_proj)
             block.mlp.c_fc, block.mlp.c_proj = quantized(block.mlp.c_fc), quantized(block.mlp.c_proj)
-        model.lm_head = quantized(model.lm_head)  # wte keeps the fp32 table for the embedding lookup
+        # wte keeps the fp32 table for the embedding lookup
+        model.lm_head = Int8Linear(model.lm_head, fbgemm=True) if precision == 'int8' else quantized(model.lm_head)
     if compile:
         model.compiled_decode = CompiledDecoder(model)
     return model

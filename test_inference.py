@@ -1,6 +1,8 @@
 """inference.py: loading every kind of checkpoint, sampling, the KV cache against the uncached
 reference, streaming text, int8 and int4 weights and the command line. Tiny random models: seconds, no network."""
 import copy
+import functools
+import gc
 import os
 import shlex
 import shutil
@@ -220,7 +222,8 @@ def on_the_int4_grid(out_features, in_features, group=INT4_GROUP_SIZE):
     return ((q - 8) * scale + zero).view(out_features, in_features)
 
 
-@pytest.mark.parametrize('cls', [Int8Linear, Int4Linear])
+@pytest.mark.parametrize('cls', [Int8Linear, functools.partial(Int8Linear, fbgemm=True), Int4Linear],
+                         ids=['int8', 'int8-fbgemm', 'int4'])
 def test_quantized_linear_multiplies_its_weights(cls):
     """Weights its format stores exactly come back exactly: the output differs from float32 only by the
     rounding of the activations (int8 per row in int8's decoding, bf16 elsewhere) and of the kernel's
@@ -242,6 +245,35 @@ def test_quantized_linear_multiplies_its_weights(cls):
             ref = linear(x) - linear.bias
             err = ((q(x) - linear.bias - ref).abs().amax(1) / ref.abs().amax(1)).max()  # each row on its own
         assert err < 0.01, (rows, err)
+
+
+def test_int8_kernels_give_the_same_outputs_to_the_bit_row_by_row(monkeypatch):
+    """The head's int8 decoding runs in fbgemm where torch has it, the blocks' in torch._int_mm: the
+    same int32 sums times the same scales in the same order, so the same float32 outputs, and each row
+    the same whatever rows share its call (a request's text must not depend on its neighbours in a
+    batch). A copy of the model decodes on its own, after the original is gone. Without fbgemm (not
+    x86), the head falls back to _int_mm."""
+    if 'fbgemm' not in torch.backends.quantized.supported_engines:
+        pytest.skip('this torch has no fbgemm')
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(768, 640)
+    plain, fbgemm = Int8Linear(linear), Int8Linear(linear, fbgemm=True)
+    assert plain.fbgemm_weight is None and fbgemm.fbgemm_weight is not None
+    x = torch.randn(32, 768) * torch.logspace(-3, 3, 32)[:, None]
+    with torch.inference_mode():
+        for rows in (1, 3, 32):
+            assert torch.equal(fbgemm(x[:rows]), plain(x[:rows])), rows
+        together = fbgemm(x)
+        assert all(torch.equal(fbgemm(x[i:i + 1])[0], together[i]) for i in range(32))
+        copied = copy.deepcopy(fbgemm)
+        del fbgemm
+        gc.collect()
+        assert torch.equal(copied(x), together)
+    monkeypatch.setattr(type(torch.backends.quantized), 'supported_engines', ['qnnpack'])
+    fallback = Int8Linear(linear, fbgemm=True)
+    assert fallback.fbgemm_weight is None
+    with torch.inference_mode():
+        assert torch.equal(fallback(x), together)
 
 
 def rows_of_many_ranges(out_features, in_features):
