@@ -6,6 +6,8 @@ import gc
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -274,6 +276,31 @@ def test_int8_kernels_give_the_same_outputs_to_the_bit_row_by_row(monkeypatch):
     assert fallback.fbgemm_weight is None
     with torch.inference_mode():
         assert torch.equal(fallback(x), together)
+
+
+def huge_page_kb(env):
+    """AnonHugePages (kB) of a fresh process that imports inference, as `python inference.py` and app.py
+    do, and then allocates 64 MB."""
+    code = ('import inference, torch; x = torch.ones(64 << 20, dtype=torch.int8); '
+            'print(next(l.split()[1] for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")))')
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return int(out.stdout)
+
+
+def test_a_generation_process_puts_its_big_tensors_in_huge_pages():
+    """cpu_decode sets THP_MEM_ALLOC_ENABLE before torch's first allocation, so the weights of a
+    generation process sit in transparent huge pages wherever the kernel offers them on request
+    (madvise); THP_MEM_ALLOC_ENABLE=0 set beforehand keeps 4 KB pages."""
+    try:
+        mode = open('/sys/kernel/mm/transparent_hugepage/enabled').read()
+    except OSError:
+        pytest.skip('no transparent huge pages here (not Linux)')
+    if '[madvise]' not in mode:
+        pytest.skip(f'transparent huge pages are {mode.strip()!r} here, not on request')
+    env = {k: v for k, v in os.environ.items() if k != 'THP_MEM_ALLOC_ENABLE'}
+    assert huge_page_kb(env) >= 60 * 1024
+    assert huge_page_kb({**env, 'THP_MEM_ALLOC_ENABLE': '0'}) == 0
 
 
 def rows_of_many_ranges(out_features, in_features):
