@@ -32,7 +32,7 @@ from data import GPT2_VOCAB_SIZE
 # A decoding step streams every weight from memory, 4 KB page after 4 KB page: with this variable set,
 # torch's CPU allocator asks Linux for transparent huge pages (2 MB) for every tensor of 2 MB or more,
 # so that the CPU's address translation keeps up (where /sys/kernel/mm/transparent_hugepage/enabled
-# allows it: madvise or always). Decoding ran 5 to 8% faster here (README). torch reads it at its
+# allows it: madvise or always). Decoding ran 6 to 8% faster here (README). torch reads it at its
 # first allocation: importing this module before any tensor exists, as inference.py and app.py do,
 # is early enough (test_inference.py checks). Setting it to 0 beforehand keeps 4 KB pages.
 os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
