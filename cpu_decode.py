@@ -29,13 +29,18 @@ import torch.nn.functional as F
 
 from data import GPT2_VOCAB_SIZE
 
-# A decoding step streams every weight from memory, 4 KB page after 4 KB page: with this variable set,
-# torch's CPU allocator asks Linux for transparent huge pages (2 MB) for every tensor of 2 MB or more,
-# so that the CPU's address translation keeps up (where /sys/kernel/mm/transparent_hugepage/enabled
-# allows it: madvise or always). Decoding ran 6 to 8% faster here (README). torch reads it at its
-# first allocation: importing this module before any tensor exists, as inference.py and app.py do,
-# is early enough (test_inference.py checks). Setting it to 0 beforehand keeps 4 KB pages.
-os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
+# A decoding step streams every weight from memory, 4 KB page after 4 KB page: with THP_MEM_ALLOC_ENABLE
+# set, torch's CPU allocator asks Linux for transparent huge pages (2 MB) for every tensor of 2 MB or
+# more, so that the CPU's address translation keeps up (where /sys/kernel/mm/transparent_hugepage/enabled
+# allows it: madvise or always). Decoding ran 6 to 8% faster here (README). torch reads the variable
+# once, at its first allocation: importing this module before any tensor exists, as inference.py and
+# app.py do, is early enough (test_inference.py checks). The variable is then taken back, so that this
+# process's children (a training run that a test starts, say) choose for themselves; set to 0
+# beforehand, it keeps 4 KB pages.
+if 'THP_MEM_ALLOC_ENABLE' not in os.environ:
+    os.environ['THP_MEM_ALLOC_ENABLE'] = '1'
+    torch.empty(1)  # the first allocation, where torch reads it
+    del os.environ['THP_MEM_ALLOC_ENABLE']
 
 
 # ---- quantized weights ----

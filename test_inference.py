@@ -280,8 +280,9 @@ def test_int8_kernels_give_the_same_outputs_to_the_bit_row_by_row(monkeypatch):
 
 def huge_page_kb(env):
     """AnonHugePages (kB) of a fresh process that imports inference, as `python inference.py` and app.py
-    do, and then allocates 64 MB."""
-    code = ('import inference, torch; x = torch.ones(64 << 20, dtype=torch.int8); '
+    do, and then allocates 64 MB; its environment must be as it was given (what its children inherit)."""
+    code = ('import inference, os, torch; x = torch.ones(64 << 20, dtype=torch.int8); '
+            f'assert os.environ.get("THP_MEM_ALLOC_ENABLE") == {env.get("THP_MEM_ALLOC_ENABLE")!r}; '
             'print(next(l.split()[1] for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")))')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -289,9 +290,10 @@ def huge_page_kb(env):
 
 
 def test_a_generation_process_puts_its_big_tensors_in_huge_pages():
-    """cpu_decode sets THP_MEM_ALLOC_ENABLE before torch's first allocation, so the weights of a
+    """cpu_decode sets THP_MEM_ALLOC_ENABLE for torch's first allocation, so the weights of a
     generation process sit in transparent huge pages wherever the kernel offers them on request
-    (madvise); THP_MEM_ALLOC_ENABLE=0 set beforehand keeps 4 KB pages."""
+    (madvise), and takes it back (its children do not inherit it); THP_MEM_ALLOC_ENABLE=0 set
+    beforehand keeps 4 KB pages."""
     try:
         mode = open('/sys/kernel/mm/transparent_hugepage/enabled').read()
     except OSError:
