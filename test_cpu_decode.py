@@ -16,11 +16,12 @@ from inference import generate_ids
 from model import GPT, KVCache
 
 # the compiled step's logits against the eager step's, same weights and tokens. float32: equal to the
-# last bits (the fused LayerNorm and softmax round a few values otherwise). int8 and int4 run the same
-# matmul kernels, but a last-bit change in an activation can move its int8 code (int8) or its bf16
-# rounding (int4, whose kernel also rounds its output to bf16) by one step: measured here, 1.2e-5 and
-# 3.9e-3 (one bf16 step at a logit near 1)
-ATOL = {'float32': 1e-5, 'int8': 1e-4, 'int4': 1e-2}
+# last bits (the fused LayerNorm and softmax round a few values otherwise). int8 and int4: both kernels
+# round their outputs to bf16, and the compiled step's int8 GEMM (inductor's template) sums in another
+# order than the eager one, and a last-bit change in an activation can move its bf16 rounding: an
+# output may land one bf16 step away. Measured here: 4.0e-3 (int8) and 3.9e-3 (int4), one bf16 step at
+# a logit near 1
+ATOL = {'float32': 1e-5, 'int8': 1e-2, 'int4': 1e-2}
 # (prompt ids, settings): an empty prompt (<|endoftext|> alone: one cached position at the first
 # decoding step), greedy and sampled, and 150 new tokens on a 64-token context: three context restarts
 REQUESTS = [([], dict(max_new_tokens=20, temperature=0)),
@@ -83,18 +84,26 @@ def test_generate_ids_decodes_through_it(base, monkeypatch):
 
 
 def test_each_model_keeps_to_its_own_graphs(base):
-    """Two decoders in one process, of different precisions, called in turn: each makes its own model's
-    logits. (Their guards skip the modules' attributes: a shared graph would run int8 kernels on int4
-    weights or the other way round.)"""
-    compiled = {p: prepare_for_generation(copy.deepcopy(base), p, compile=True) for p in ('int8', 'int4')}
+    """Decoders in one process, called in turn, each make their own model's logits: two of different
+    precisions (their guards skip the modules' attributes: a shared graph would run int8 kernels on
+    int4 weights or the other way round), and two int8 models of the same shapes but other weights. The
+    compiled step holds a model's int8 weights as constants (blocked for inductor's GEMM template), and
+    torch's compiled-graph cache keys such constants by their shapes alone: a graph found there would
+    run the first model's weights for the second."""
+    torch.manual_seed(1)
+    other = GPT(TINY_CONFIG).eval()
+    models = {'int8': base, 'int4': base, 'int8, other weights': other}
+    compiled = {name: prepare_for_generation(copy.deepcopy(m), name.split(',')[0], compile=True)
+                for name, m in models.items()}
     tokens = torch.arange(5, 15)
-    eager = {p: fed_logits(prepare_for_generation(copy.deepcopy(base), p), tokens, False)[0][-1][:GPT2_VOCAB_SIZE]
-             for p in ('int8', 'int4')}
-    assert (eager['int8'] - eager['int4']).abs().max() > 4 * ATOL['int4']  # the check below tells them apart
+    eager = {name: fed_logits(prepare_for_generation(copy.deepcopy(m), name.split(',')[0]), tokens, False)[0][-1]
+             [:GPT2_VOCAB_SIZE] for name, m in models.items()}
+    for a, b in (('int8', 'int4'), ('int8', 'int8, other weights')):  # the check below tells them apart
+        assert (eager[a] - eager[b]).abs().max() > 4 * ATOL['int4']
     for _ in range(2):
-        for p in ('int8', 'int4'):
-            last = fed_logits(compiled[p], tokens, True)[0][-1][:GPT2_VOCAB_SIZE]
-            assert (last - eager[p]).abs().max() <= ATOL[p]
+        for name in models:
+            last = fed_logits(compiled[name], tokens, True)[0][-1][:GPT2_VOCAB_SIZE]
+            assert (last - eager[name]).abs().max() <= ATOL[name.split(',')[0]], name
 
 
 def test_a_warmed_up_server_compiles_nothing_more(base):
@@ -118,10 +127,12 @@ def test_a_warmed_up_server_compiles_nothing_more(base):
 
 def test_cli_compile_writes_the_eager_text(tmp_path):
     """And where the compile cannot run (no working C++ compiler: inductor's CPU code is C++), one line
-    says so and the text comes eagerly: no traceback."""
+    says so and the text comes eagerly: no traceback. In float32, where the two steps agree to the last
+    bits: int8's differ by a bf16 rounding (ATOL), which moves a sampled token of a random model, whose
+    likeliest tokens are all but tied."""
     tiny_checkpoint(tmp_path / 'ckpt.pt')
     args = ['--checkpoint', str(tmp_path / 'ckpt.pt'), '--prompt', 'ROMEO:', '--max-new-tokens', '40',
-            '--temperature', '0.7', '--top-k', '50', '--seed', '1']
+            '--temperature', '0.7', '--top-k', '50', '--seed', '1', '--precision', 'float32']
     eager, compiled = run_cli(*args), run_cli(*args, '--compile', env={'TORCH_LOGS': 'recompiles'})
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout == eager.stdout and ', compiled' in compiled.stderr
