@@ -152,8 +152,9 @@ torch.manual_seed(0)
 hf = GPT2LMHeadModel(GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).eval()
 hf.generation_config.pad_token_id = hf.config.eos_token_id
 ours = {p: prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval(), p) for p in args.precisions}
-compiled = {p: prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval(), p, compile=True)
-            for p in args.compiled}  # each compiles in its first (warm-up) call
+# inference.py's compiled step, one row at a time; each compiles in its first (warm-up) call
+compiled = {p: prepare_for_generation(GPT.from_hf_state_dict(hf.state_dict()).eval(), p, compile=True, one_row=True)
+            for p in args.compiled}
 hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - hf.transformer.wpe.weight.numel() * 4
 ids = gpt2_tokenizer().encode_ordinary(open('input.txt', encoding='utf-8').read()[:20_000])
 

@@ -6,21 +6,23 @@ so batch-1 decoding on a CPU is bound by memory bandwidth, not arithmetic (bench
 how close it comes, beside llama.cpp on the same weights):
 
 - prepare_for_generation(model, 'int8') keeps each weight matrix as int8 with one scale per output row
-  (a quarter of the float32 bytes). A decoding step multiplies bf16 activations by them in
-  torch._weight_int8pack_mm; a long prompt, which is arithmetic-bound, goes through a matmul on the
-  dequantized weights, in bf16 where the CPU has bf16 instructions. 'int4' reads about a sixth (4 bits,
-  and a scale and an offset per 32 weights), at a cost in accuracy that README gives.
+  (a quarter of the float32 bytes). A decoding step quantizes its activations to int8 per row and
+  multiplies int8 by int8 in torch._int_mm (in fbgemm's kernel for the head, which reads it faster);
+  a long prompt, which is arithmetic-bound, goes through a matmul on the dequantized weights, in bf16
+  where the CPU has bf16 instructions. 'int4' reads about a sixth (4 bits, and a scale and an offset
+  per 32 weights), at a cost in accuracy that README gives.
 - CompiledDecoder runs the step of one new token per row as a single torch.compile graph: in eager
-  mode the small ops between the matmuls (LayerNorm, GELU, casts, bias adds, attention over the cache)
-  cost a quarter of a token's time; compiled, they fuse into a few loops around the matmul kernels, and
-  int8's matmuls run in inductor's own GEMM template on weights blocked for it, which reads them about
-  1.6 times as fast as the eager kernel. The compile takes about half a minute for GPT-2 124M, at
-  every start: its graph holds the model's weights.
+  mode the small ops between the matmuls (LayerNorm, the activations' quantization, GELU, bias adds,
+  attention over the cache) cost a quarter of a token's time; compiled, they fuse into a few loops
+  around the matmul kernels. The first compile takes a while; torch keeps it on disk for later runs.
+  For one row at a time (inference.py's), int8's step goes further: ONE_ROW_COMPILE.
 """
 import functools
 import os
 import time
 import types
+import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -85,27 +87,95 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights with one scale per output row: w ~ w_int8 * scale. A decoding step multiplies bf16
-    activations by them in torch._weight_int8pack_mm, the int8 weights converted to float in registers,
-    with float32 sums and a bf16 output; in the compiled step (CompiledDecoder), inductor's own GEMM
-    template for that op takes its place, with the weights blocked for it at compile time."""
+    """int8 weights with one scale per output row: w ~ w_int8 * scale. A decoding step quantizes its
+    activations too, each row to int8 with a scale of its own, and multiplies int8 by int8 with int32
+    sums (VNNI where the CPU has it), as llama.cpp's Q8_0 does with its blocks: 17% faster than the
+    bf16-activation kernel here, at a cost README gives. The kernel is torch._int_mm or, with
+    fbgemm=True (the head), fbgemm's where torch has it: the same int32 sums and float32 outputs."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, fbgemm=False):
         super().__init__(linear)
         self.prompt_dtype = prompt_matmul_dtype()
         w = linear.weight.detach().float()
-        # the scales are bf16, the kernel's dtype for bf16 activations; the weights are quantized against them
-        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16()
-        self.register_buffer('weight', torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        # the scales are rounded to bf16 (exact in the prompt path's dtype), kept as float32 for decoding
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).bfloat16().float()
+        self.register_buffer('weight', torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer('scale', scale)
+        self.fbgemm_weight = fbgemm_pack(self.weight, self.scale) if fbgemm else None
+        self.register_fbgemm()
+
+    def register_fbgemm(self):
+        if self.fbgemm_weight is not None:  # where fbgemm_int8_mm finds it
+            self.fbgemm_key = id(self)
+            FBGEMM_LINEARS[self.fbgemm_key] = self
+
+    def __setstate__(self, state):  # a copy (copy.deepcopy, pickle) is a linear of its own
+        super().__setstate__(state)
+        self.register_fbgemm()
+
+    # set by prepare_for_generation(..., one_row=True): in a compiled step, decode through
+    # torch._weight_int8pack_mm, which inductor replaces with its own GEMM template (see ONE_ROW)
+    one_row = False
 
     def matmul(self, x):
-        if x.size(0) <= 32:  # decoding: memory-bound, read 1 byte per weight. (M, in) -> (M, out) bf16
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
+        if self.one_row and torch.compiler.is_compiling():
+            assert x.size(0) == 1, 'a one-row decoder decodes one row'
+            # bf16 activations times the int8 weights, turned into floats in registers: (1, in) -> (1, out)
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.bfloat16())
+        if x.size(0) <= 32:
+            # decoding: memory-bound, read 1 byte per weight. (M, in) -> int8 values with a scale per row
+            x = x.float()
+            x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
+            q = torch.round(x / x_scale)
+            if self.fbgemm_weight is not None:
+                return fbgemm_int8_mm(q, self.fbgemm_key) * x_scale
+            # (M, in) int8 @ (in, out) int8 view of the stored rows -> int32, then the weight's scales
+            # and the activations' (in fbgemm's order: the same float32 results)
+            return torch._int_mm(q.to(torch.int8), self.weight.t()) * self.scale * x_scale
         # a long prompt: arithmetic-bound, where a GEMM on the dequantized weight runs faster than the
         # kernel (bf16 where the CPU has bf16 instructions)
         w = self.weight.to(self.prompt_dtype) * self.scale.to(self.prompt_dtype)[:, None]
         return F.linear(x.to(self.prompt_dtype), w)
+
+
+# For the head (50304 x 768: 38.6M weights, a third of what a token reads), fbgemm's int8 GEMM (the
+# kernel of torch's quantized linear on x86) read the weights 1.5 times as fast as torch._int_mm at one
+# row and 1.8 times at 8 rows on this project's CPU. For the blocks' matrices (0.6M to 2.4M weights)
+# it was no faster in a whole decoding step, and it costs about 12 us more a call: they keep _int_mm.
+# fbgemm keeps a packed copy of the weight (38.6 MB); the int8 one stays for the prompt path.
+FBGEMM_LINEARS = weakref.WeakValueDictionary()  # fbgemm_key -> Int8Linear
+
+
+def fbgemm_pack(weight, scale):
+    """int8 weight (out, in) with a scale per row, packed for fbgemm; None where torch has no fbgemm
+    (a CPU other than x86, or a torch that has dropped its quantized tensors, which 2.13 deprecates)."""
+    if 'fbgemm' not in torch.backends.quantized.supported_engines:
+        return None
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = 'fbgemm'  # the default 'x86' may pack for oneDNN instead
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'torch.quantize_per_tensor', UserWarning)  # the deprecation
+            w = torch._make_per_channel_quantized_tensor(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(w, None)
+    except (AttributeError, RuntimeError):
+        return None
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+@torch.library.custom_op('gpt2::fbgemm_int8_mm', mutates_args=())
+def fbgemm_int8_mm(q: torch.Tensor, key: int) -> torch.Tensor:
+    """q (M, in): whole numbers in -127..127, as float32 -> (M, out) float32: the int32 sums of q times
+    the int8 weight of FBGEMM_LINEARS[key], times its scales. (A custom op, because torch.compile cannot
+    take fbgemm's packed weight as an input: it finds the weight by key.)"""
+    # fbgemm quantizes q with scale 1 and offset 128, to uint8 exactly, and takes the offset back out
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, FBGEMM_LINEARS[key].fbgemm_weight)
+
+
+@fbgemm_int8_mm.register_fake
+def _(q, key):
+    return q.new_empty(q.size(0), FBGEMM_LINEARS[key].out_features)
 
 
 class Int4Linear(QuantizedLinear):
@@ -137,12 +207,23 @@ class Int4Linear(QuantizedLinear):
 
 PRECISIONS = ('float32', 'int8', 'int4')
 
+# A compiled step for one row at a time (inference.py's) can do better for int8: with the weights
+# frozen into the graph as constants, inductor blocks them for its own GEMM template for
+# torch._weight_int8pack_mm, which max_autotune picks by timing it against the eager kernel. Side by
+# side at one row (GPT-2 124M, 2 threads, logs/compiled_decoding.md) the 48 block matrices took 3.19 ms
+# in it against 5.21 ms in torch._int_mm, and a whole step 5.0 against 7.7 ms. It is for one row
+# only: at 8 rows it took 30 against 18 ms for the step, so batching keeps torch._int_mm, and a
+# batch's rows are decoded by the same kernel however many share a step. And it compiles anew in
+# every process (half a minute for the 124M): see CompiledDecoder.
+ONE_ROW_COMPILE = {'freezing': True, 'fx_graph_cache': False}
 
-def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE, compile=False):
+
+def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE, compile=False, one_row=False):
     """Make model (in place) a generation model: with precision 'int8' or 'int4', the quantized
     linears above in every block and the head (float32: as it is); with compile, a CompiledDecoder as
-    model.compiled_decode, which inference.generate_ids and batching.Batch then decode with. Returns
-    model."""
+    model.compiled_decode, which inference.generate_ids and batching.Batch then decode with; with
+    one_row too, one for a row at a time (generate_ids' alone, not a Batch's), int8's in the GEMM
+    template above. Returns model."""
     if precision not in PRECISIONS:
         raise ValueError(f'unknown precision {precision!r}: {", ".join(PRECISIONS)}')
     if precision != 'float32':
@@ -153,9 +234,13 @@ def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROU
             block.attn.c_attn, block.attn.c_proj = quantized(block.attn.c_attn), quantized(block.attn.c_proj)
             block.mlp.c_fc, block.mlp.c_proj = quantized(block.mlp.c_fc), quantized(block.mlp.c_proj)
         # wte keeps the fp32 table for the embedding lookup
-        model.lm_head = quantized(model.lm_head)
+        model.lm_head = Int8Linear(model.lm_head, fbgemm=True) if precision == 'int8' else quantized(model.lm_head)
     if compile:
-        model.compiled_decode = CompiledDecoder(model)
+        one_row = one_row and precision == 'int8'
+        for linear in model.modules():
+            if isinstance(linear, Int8Linear):
+                linear.one_row = one_row
+        model.compiled_decode = CompiledDecoder(model, one_row)
     return model
 
 
@@ -184,29 +269,21 @@ class CompiledDecoder:
     one apart, and the new keys and values come out to be stored after it, so that the graph has no
     input that it also writes. The graph's shapes are fixed but two: the cached length L (any, from
     2), and B (1, or any from 2). So it compiles once for B = 1 and once for B > 1, the first time each
-    comes.
+    comes; torch keeps the compiled code on disk (TORCHINDUCTOR_CACHE_DIR) and a later process loads it
+    in seconds."""
 
-    The weights are frozen into the graph (inductor's freezing): constants that the compile folds and
-    blocks for its GEMM template, choosing between the template and the eager kernel by timing both
-    (max_autotune; torch keeps those timings on disk). A frozen graph is not taken from torch's graph
-    cache, nor put there: the cache keys frozen weights by their shapes alone, and would hand one
-    model's graph, weights and all, to another of the same shapes. So every process compiles anew; the
-    C++ kernels it builds are still found on disk (TORCHINDUCTOR_CACHE_DIR)."""
-
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, one_row=False):
+        self.model, self.one_row = model, one_row
         # Before each call torch checks that what the graph was made for still holds (guards). Checking
         # the modules' attributes too would cost 0.4 ms a token here (5%), and they do not change once
         # prepare_for_generation is done: so the guards skip them, and this decoder's step gets a code
         # object of its own, because torch keeps its graphs per code object: another model's decoder
         # (another precision, another size) must not find this one's graphs.
         step = types.FunctionType(CompiledDecoder.step.__code__.replace(), globals())
-        self.compiled = torch.compile(types.MethodType(step, self), dynamic=False,
-                                      options={'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                               'max_autotune': True})
-        # what the compile reads at the first call of each graph: freezing is not one of torch.compile's
-        # options (it is read before they apply), so it is set around every call
-        self.compile_config = {'freezing': True, 'fx_graph_cache': False}
+        options = {'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if one_row:  # int8's GEMM template on frozen weights (ONE_ROW_COMPILE)
+            options['max_autotune'] = True
+        self.compiled = torch.compile(types.MethodType(step, self), dynamic=False, options=options)
 
     def step(self, tokens, positions, k, v, seen):
         """tokens (B,) at positions (B,); k, v (n_layer, B, nh, L, hs): the cache's first L positions,
@@ -236,7 +313,7 @@ class CompiledDecoder:
         """Compile now rather than in the first request: a step for one row and, where the caches k, v
         have several rows, one for two, on their rows 0 and 1 at position 1 (scratch: those rows are
         written again before anything reads them)."""
-        for rows in (1, 2) if k.size(1) > 1 else (1,):
+        for rows in (1, 2) if k.size(1) > 1 and not self.one_row else (1,):
             self(torch.zeros(rows, dtype=torch.long, device=k.device), [1] * rows, k, v)
 
     @torch.inference_mode()
@@ -254,7 +331,15 @@ class CompiledDecoder:
         if B > 1:
             for t, dim in ((tokens, 0), (positions, 0), (seen, 0), (k_seen, 1), (v_seen, 1)):
                 torch._dynamo.mark_dynamic(t, dim)
-        with torch._inductor.config.patch(self.compile_config):
+        if self.one_row:
+            # freezing is read before torch.compile's options apply, so it is set around the call. A
+            # frozen graph must not go into torch's graph cache, nor come from it: the cache knows
+            # frozen weights by their shapes alone, and would hand one model's graph, its weights
+            # and all, to another of the same shapes (test_cpu_decode.py)
+            assert B == 1, 'a one-row decoder decodes one row'
+            with torch._inductor.config.patch(ONE_ROW_COMPILE):
+                logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
+        else:
             logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
         rows = torch.arange(B, device=tokens.device)
         k[:, rows, :, positions] = k_new.transpose(0, 1)  # the indexed dims come first: (B, n_layer, nh, hs)

@@ -285,7 +285,7 @@ def main(argv=None):
                                      getattr(torch, args.export_dtype))
         else:
             precision = args.precision if args.precision != 'auto' else ('int8' if device == 'cpu' else 'float32')
-            prepare_for_generation(model, precision, compile=args.compile)
+            prepare_for_generation(model, precision, compile=args.compile, one_row=True)
             if args.compile:  # before any text: a compiler missing says so in one line, and text comes all the same
                 with torch.inference_mode():  # a cache as generate_ids makes it: an inference tensor
                     scratch = KVCache(model.config, 1, model.config.block_size, device=device)

@@ -22,8 +22,8 @@ REQUESTS = [([11, 12, 13], dict(max_new_tokens=30, temperature=0)),
             ([7] * 50, dict(max_new_tokens=40, temperature=0.9, seed=4)),
             ([5, 6], dict(max_new_tokens=1, temperature=0.7, seed=5))]
 # the batch's logits against the same sequence's alone: equal to the last bit on this machine, in
-# float32 and in int8, eager and compiled (each row's sums in the same order whatever rows share the
-# call); 1e-5 leaves room for a CPU whose matmul sums n rows in another order than one
+# float32 and in int8 (whose activations are quantized row by row and multiplied in integers); 1e-5
+# leaves room for a CPU whose matmul sums n rows in another order than one
 ATOL = {'float32': 1e-5, 'int8': 1e-5, 'int8, compiled': 1e-5}
 
 

@@ -1,6 +1,8 @@
 """inference.py: loading every kind of checkpoint, sampling, the KV cache against the uncached
 reference, streaming text, int8 and int4 weights and the command line. Tiny random models: seconds, no network."""
 import copy
+import functools
+import gc
 import os
 import shlex
 import shutil
@@ -222,11 +224,13 @@ def on_the_int4_grid(out_features, in_features, group=INT4_GROUP_SIZE):
     return ((q - 8) * scale + zero).view(out_features, in_features)
 
 
-@pytest.mark.parametrize('cls', [Int8Linear, Int4Linear], ids=['int8', 'int4'])
+@pytest.mark.parametrize('cls', [Int8Linear, functools.partial(Int8Linear, fbgemm=True), Int4Linear],
+                         ids=['int8', 'int8-fbgemm', 'int4'])
 def test_quantized_linear_multiplies_its_weights(cls):
     """Weights its format stores exactly come back exactly: the output differs from float32 only by the
-    rounding of the activations and of the kernel's output to bf16 (under 1%). A wrong scale, offset
-    or packing layout gives errors of the size of the weights themselves."""
+    rounding of the activations (int8 per row in int8's decoding, bf16 elsewhere) and of the kernel's
+    output (under 1%). A wrong scale, offset or packing layout gives errors of the size of the weights
+    themselves."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 384)
     with torch.no_grad():
@@ -243,6 +247,35 @@ def test_quantized_linear_multiplies_its_weights(cls):
             ref = linear(x) - linear.bias
             err = ((q(x) - linear.bias - ref).abs().amax(1) / ref.abs().amax(1)).max()  # each row on its own
         assert err < 0.01, (rows, err)
+
+
+def test_int8_kernels_give_the_same_outputs_to_the_bit_row_by_row(monkeypatch):
+    """The head's int8 decoding runs in fbgemm where torch has it, the blocks' in torch._int_mm: the
+    same int32 sums times the same scales in the same order, so the same float32 outputs, and each row
+    the same whatever rows share its call (a request's text must not depend on its neighbours in a
+    batch). A copy of the model decodes on its own, after the original is gone. Without fbgemm (not
+    x86), the head falls back to _int_mm."""
+    if 'fbgemm' not in torch.backends.quantized.supported_engines:
+        pytest.skip('this torch has no fbgemm')
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(768, 640)
+    plain, fbgemm = Int8Linear(linear), Int8Linear(linear, fbgemm=True)
+    assert plain.fbgemm_weight is None and fbgemm.fbgemm_weight is not None
+    x = torch.randn(32, 768) * torch.logspace(-3, 3, 32)[:, None]
+    with torch.inference_mode():
+        for rows in (1, 3, 32):
+            assert torch.equal(fbgemm(x[:rows]), plain(x[:rows])), rows
+        together = fbgemm(x)
+        assert all(torch.equal(fbgemm(x[i:i + 1])[0], together[i]) for i in range(32))
+        copied = copy.deepcopy(fbgemm)
+        del fbgemm
+        gc.collect()
+        assert torch.equal(copied(x), together)
+    monkeypatch.setattr(type(torch.backends.quantized), 'supported_engines', ['qnnpack'])
+    fallback = Int8Linear(linear, fbgemm=True)
+    assert fallback.fbgemm_weight is None
+    with torch.inference_mode():
+        assert torch.equal(fallback(x), together)
 
 
 def huge_page_kb(env):
@@ -359,9 +392,10 @@ def test_quantized_model_stays_close_to_float32_and_never_samples_a_padded_id(pr
 # what int8 and int4 cost on the walk-through model, as README's table gives it (bench_inference.py at
 # 13da4ab): (top-1 agreement with float32, mean KL from float32) over the 1,024 targets of its text
 README_QUALITY = {'int8': (0.9941, 1.5e-4), 'int4': (0.9844, 5.7e-3)}
-# and int8 along the decode path (bf16 activations; measured at the commit that made it so), eager
-# (torch._weight_int8pack_mm) and compiled (inductor's GEMM template for it)
-README_INT8_DECODING = {False: (0.9941, 1.34e-4), True: (0.9971, 7.25e-5)}
+# and int8 along the decode path, whose activations are int8 too (measured at the commit that made them
+# so), eagerly and through a batch's compiled step; and through inference.py's, one row at a time
+# (prepare_for_generation(..., one_row=True): bf16 activations in inductor's GEMM template)
+README_INT8_DECODING = {'eager': (0.9971, 3.2e-4), 'compiled': (0.9971, 3.2e-4), 'one row': (0.9971, 7.25e-5)}
 
 
 @pytest.mark.slow
@@ -397,14 +431,14 @@ def test_int8_and_int4_cost_what_readme_says_on_the_walkthrough_model(tmp_path):
                     out.append(F.log_softmax(logits[:GPT2_VOCAB_SIZE], -1))
         return torch.stack(out)
     base = log_probs(fp32)
-    # int8 decoding runs other kernels than the prompt pass: README gives its cost apart
-    for compiled in (False, True):  # the compiled step decodes as well (logs/compiled_decoding.md)
-        int8 = decoded_log_probs(prepare_for_generation(copy.deepcopy(fp32), 'int8', compile=compiled))
+    # int8 decoding quantizes the activations too: README gives its cost apart
+    for path, (agreement, kl) in README_INT8_DECODING.items():  # the compiled steps decode as well
+        prepared = prepare_for_generation(copy.deepcopy(fp32), 'int8', compile=path != 'eager', one_row=path == 'one row')
+        int8 = decoded_log_probs(prepared)
         agree = (int8.argmax(-1) == base.argmax(-1)).double().mean().item()
         divergence = (base.exp() * (base - int8)).sum(-1).mean().item()
-        print(f'int8, decoding{", compiled" if compiled else ""}: top-1 agreement {agree:.2%}, KL {divergence:.2e}')
-        agreement, kl = README_INT8_DECODING[compiled]
-        assert abs(agree - agreement) <= 0.0011 and abs(divergence - kl) <= 0.2 * kl, (compiled, agree, divergence)
+        print(f'int8, decoding, {path}: top-1 agreement {agree:.2%}, KL {divergence:.2e}')
+        assert abs(agree - agreement) <= 0.0011 and abs(divergence - kl) <= 0.2 * kl, (path, agree, divergence)
     for precision, (agreement, kl) in README_QUALITY.items():
         lp = log_probs(prepare_for_generation(copy.deepcopy(fp32), precision))
         agree = (lp.argmax(-1) == base.argmax(-1)).double().mean().item()
