@@ -395,7 +395,7 @@ README_QUALITY = {'int8': (0.9941, 1.5e-4), 'int4': (0.9844, 5.7e-3)}
 # and int8 along the decode path, whose activations are int8 too (measured at the commit that made them
 # so), eagerly and through a batch's compiled step; and through inference.py's, one row at a time
 # (prepare_for_generation(..., one_row=True): bf16 activations in inductor's GEMM template)
-README_INT8_DECODING = {'eager': (0.9971, 3.2e-4), 'compiled': (0.9971, 3.2e-4), 'one row': (0.9971, 7.25e-5)}
+README_INT8_DECODING = {'eager': (0.9971, 3.2e-4), 'compiled': (0.9971, 3.2e-4), 'one row': (0.9971, 1.01e-4)}
 
 
 @pytest.mark.slow
