@@ -113,13 +113,12 @@ class Int8Linear(QuantizedLinear):
         super().__setstate__(state)
         self.register_fbgemm()
 
-    # set by prepare_for_generation(..., one_row=True): in a compiled step, decode through
-    # torch._weight_int8pack_mm, which inductor replaces with its own GEMM template (see ONE_ROW)
+    # set by prepare_for_generation(..., one_row=True): in a compiled step of one row, decode through
+    # torch._weight_int8pack_mm, which inductor replaces with its own GEMM template (ONE_ROW_COMPILE)
     one_row = False
 
     def matmul(self, x):
-        if self.one_row and torch.compiler.is_compiling():
-            assert x.size(0) == 1, 'a one-row decoder decodes one row'
+        if self.one_row and x.size(0) == 1 and torch.compiler.is_compiling():
             # bf16 activations times the int8 weights, turned into floats in registers: (1, in) -> (1, out)
             return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.bfloat16())
         if x.size(0) <= 32:
@@ -214,7 +213,7 @@ PRECISIONS = ('float32', 'int8', 'int4')
 # in it against 5.21 ms in torch._int_mm, and a whole step 5.0 against 7.7 ms. It is for one row
 # only: at 8 rows it took 30 against 18 ms for the step, so batching keeps torch._int_mm, and a
 # batch's rows are decoded by the same kernel however many share a step. And it compiles anew in
-# every process (half a minute for the 124M): see CompiledDecoder.
+# every process (half a minute or more for the 124M): see CompiledDecoder.__call__.
 ONE_ROW_COMPILE = {'freezing': True, 'fx_graph_cache': False}
 
 
@@ -270,7 +269,7 @@ class CompiledDecoder:
     input that it also writes. The graph's shapes are fixed but two: the cached length L (any, from
     2), and B (1, or any from 2). So it compiles once for B = 1 and once for B > 1, the first time each
     comes; torch keeps the compiled code on disk (TORCHINDUCTOR_CACHE_DIR) and a later process loads it
-    in seconds."""
+    in seconds (except a one-row int8 decoder's graph: ONE_ROW_COMPILE)."""
 
     def __init__(self, model, one_row=False):
         self.model, self.one_row = model, one_row
