@@ -17,6 +17,7 @@ how close it comes, beside llama.cpp on the same weights):
   around the matmul kernels. The first compile takes a while; torch keeps it on disk for later runs.
   For one row at a time (inference.py's), int8's step goes further: ONE_ROW_COMPILE.
 """
+import contextlib
 import functools
 import os
 import time
@@ -330,15 +331,14 @@ class CompiledDecoder:
         if B > 1:
             for t, dim in ((tokens, 0), (positions, 0), (seen, 0), (k_seen, 1), (v_seen, 1)):
                 torch._dynamo.mark_dynamic(t, dim)
-        if self.one_row:
-            # freezing is read before torch.compile's options apply, so it is set around the call. A
-            # frozen graph must not go into torch's graph cache, nor come from it: the cache knows
-            # frozen weights by their shapes alone, and would hand one model's graph, its weights
-            # and all, to another of the same shapes (test_cpu_decode.py)
-            assert B == 1, 'a one-row decoder decodes one row'
-            with torch._inductor.config.patch(ONE_ROW_COMPILE):
-                logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
-        else:
+        assert B == 1 or not self.one_row, 'a one-row decoder decodes one row'
+        # A one-row decoder compiles with ONE_ROW_COMPILE. freezing is read before torch.compile's
+        # options apply, so it is set around every call that may compile (about 20 us a call: any
+        # call could, should a guard fail, and without freezing this graph does not compile at all).
+        # A frozen graph must not go into torch's graph cache, nor come from it: the cache knows
+        # frozen weights by their shapes alone, and would hand one model's graph, its weights and
+        # all, to another of the same shapes (test_cpu_decode.py)
+        with torch._inductor.config.patch(ONE_ROW_COMPILE) if self.one_row else contextlib.nullcontext():
             logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
         rows = torch.arange(B, device=tokens.device)
         k[:, rows, :, positions] = k_new.transpose(0, 1)  # the indexed dims come first: (B, n_layer, nh, hs)

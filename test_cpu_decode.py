@@ -29,6 +29,8 @@ def prepared(model, decoder, compile=False):
     """A copy of model, prepared for generation as decoder (a precision, 'int8, one row': one_row=True)."""
     precision, _, one_row = decoder.partition(', ')
     return prepare_for_generation(copy.deepcopy(model), precision, compile=compile, one_row=bool(one_row))
+
+
 # (prompt ids, settings): an empty prompt (<|endoftext|> alone: one cached position at the first
 # decoding step), greedy and sampled, and 150 new tokens on a 64-token context: three context restarts
 REQUESTS = [([], dict(max_new_tokens=20, temperature=0)),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cpu_decode
 import runtime
 import train
 from conftest import INPUT, TINY_CONFIG as TINY, run_cli, tiny_checkpoint
@@ -407,7 +408,6 @@ def test_int8_and_int4_cost_what_readme_says_on_the_walkthrough_model(tmp_path, 
     position of the 1,024 more or less, and a KL 20% off. A long prompt's int8 matmul runs in bf16, as
     README's figures were measured (cpu_decode times bf16 against float32 once per process, and a
     loaded machine can pick float32: 99.71% and 4.6e-5)."""
-    import cpu_decode
     monkeypatch.setattr(cpu_decode, 'prompt_matmul_dtype', lambda: torch.bfloat16)
     shutil.copy(INPUT, tmp_path / 'input.txt')  # its token cache lands there
     argv = shlex.split(runtime.WALKTHROUGH)[2:] + ['--data', str(tmp_path / 'input.txt'), '--samples', '0',
