@@ -250,7 +250,7 @@ sides = [('transformers GPT2LMHeadModel.generate (float32)', run_hf, hf_bytes, 4
 sides += [(f'inference.py ({p} weights)', lambda prompt, m=ours[p]: run_ours(m, prompt), decode_bytes(ours[p], 0), 4)
           for p in args.precisions]
 sides += [(f'inference.py ({p} weights, compiled)', lambda prompt, m=compiled[p]: run_ours(m, prompt),
-           decode_bytes(compiled[p], 0), 4) for p in args.compiled]
+           decode_bytes(compiled[p], 0), compiled[p].compiled_decode.cache_dtype.itemsize) for p in args.compiled]
 workdir = tempfile.mkdtemp(prefix='bench-gguf-')
 sides += llama_cpp_sides(GPT.from_hf_state_dict(hf.state_dict()).eval(), workdir)
 probe = torch.ones(1 << 27)  # 512 MiB of float32
@@ -345,7 +345,8 @@ lines = [f'# bench_inference.py on {cpu}', '',
          f'after one warm-up  ',
          f'read bandwidth: **{bandwidth / 1e9:.1f} GB/s** (a sum over 512 MiB, median of {len(bandwidths)}, taken '
          f'between the calls). Bound = bandwidth / bytes per decode token (weights + the KV cache at the mean '
-         f'context, prompt + {args.new_tokens // 2}: float32, float16 in llama.cpp).', '',
+         f'context, prompt + {args.new_tokens // 2}: float32; float16 in llama.cpp and in the compiled int8 '
+         f'and int4 steps).', '',
          '| implementation | prompt tokens | first token (ms) | decode tokens/s | MB per token | bound tokens/s '
          '| of its bound | of the int8 bound |', '|---|---|---|---|---|---|---|---|']
 for name, n, first, rate, b in rows:

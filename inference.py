@@ -163,8 +163,9 @@ def generate_ids(model, ids, max_new_tokens=100, temperature=0.7, top_k=None, to
     block_size = model.config.block_size
     ids = list(ids)[-block_size:] or [EOT_TOKEN]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.config, 1, block_size, device=device) if use_cache else None
     decode = getattr(model, 'compiled_decode', None) if use_cache else None  # prepare_for_generation's
+    dtype = decode.cache_dtype if decode is not None else torch.float32
+    cache = KVCache(model.config, 1, block_size, device=device, dtype=dtype) if use_cache else None
     start = 0  # the context is ids[start:]; the cache holds ids[start:start + cache.pos]
     for _ in range(max_new_tokens):
         if len(ids) - start > block_size:
@@ -288,7 +289,8 @@ def main(argv=None):
             prepare_for_generation(model, precision, compile=args.compile, one_row=True)
             if args.compile:  # before any text: a compiler missing says so in one line, and text comes all the same
                 with torch.inference_mode():  # a cache as generate_ids makes it: an inference tensor
-                    scratch = KVCache(model.config, 1, model.config.block_size, device=device)
+                    scratch = KVCache(model.config, 1, model.config.block_size, device=device,
+                                      dtype=model.compiled_decode.cache_dtype)
                 why = compile_decoding(model, scratch.k, scratch.v)
                 if why:
                     print(f'# --compile: cannot compile the decoding step ({why}); decoding eagerly', file=sys.stderr)

@@ -62,9 +62,10 @@ class KVCache:
         """Attention of the next T positions' queries (B, nh, T, hs) over every position so far, once
         their keys and values are stored: causal among the new ones, which see every cached one."""
         p, T = self.pos, q.size(2)
-        k, v = self.update(layer, k, v)
-        if p == 0:  # the first call: the whole prompt
+        k_all, v_all = self.update(layer, k, v)
+        if p == 0:  # the first call: the whole prompt, its own keys and values (as computed, whatever the cache's dtype)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        k, v = k_all.to(q.dtype), v_all.to(q.dtype)
         mask = None
         if T > 1:  # row i (absolute position p + i) may look at columns 0 .. p + i
             mask = torch.ones(T, p + T, dtype=torch.bool, device=q.device).tril(diagonal=p)

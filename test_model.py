@@ -62,19 +62,25 @@ def test_causal_later_tokens_never_change_earlier_logits():
     assert (a[:, 25:] - b[:, 25:]).abs().max() > 1e-2
 
 
-def test_cache_fed_several_tokens_at_once_equals_the_uncached_pass():
+# a float32 cache: the same sums in another order, float32 rounding (3.6e-7 here), far below what a wrong
+# mask gives; a float16 one (the compiled one-row step's) adds its rounding of the keys and values (2.6e-5)
+@pytest.mark.parametrize('dtype, atol', [(torch.float32, 1e-5), (torch.float16, 1e-4)])
+def test_cache_fed_several_tokens_at_once_equals_the_uncached_pass(dtype, atol):
     """A KV cache filled in pieces of several tokens (a prompt pass after earlier positions, which
-    needs the offset causal mask) and of one token gives the logits of one uncached pass."""
+    needs the offset causal mask) and of one token gives the logits of one uncached pass. The first
+    piece attends to its own keys and values as computed, whatever the cache keeps."""
     torch.manual_seed(0)
     model = GPT(SMALL).eval()
     idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 40))
-    cache = KVCache(SMALL, batch_size=2, max_len=SMALL.block_size)
+    cache = KVCache(SMALL, batch_size=2, max_len=SMALL.block_size, dtype=dtype)
     with torch.no_grad():
         full = model(idx)[0]
         pieces = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 10), (10, 25), (25, 26), (26, 40))]
-    assert cache.pos == 40
-    # the same sums in another order: float32 rounding (about 3e-7 here), far below what a wrong mask gives
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    assert cache.pos == 40 and cache.k.dtype == dtype
+    torch.testing.assert_close(pieces[0], full[:, :10], rtol=0, atol=1e-5)
+    worst = (torch.cat(pieces, dim=1) - full)[..., :GPT2_VOCAB_SIZE].abs().max()
+    print(f'{dtype}: within {worst:.1e} of the uncached pass')
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=atol)
 
 
 def test_padded_vocabulary_can_never_be_sampled():
