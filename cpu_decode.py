@@ -219,7 +219,6 @@ PRECISIONS = ('float32', 'int8', 'int4')
 ONE_ROW_COMPILE = {'freezing': True, 'fx_graph_cache': False}
 
 
-
 def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE, compile=False, one_row=False):
     """Make model (in place) a generation model: with precision 'int8' or 'int4', the quantized
     linears above in every block and the head (float32: as it is); with compile, a CompiledDecoder as
@@ -357,6 +356,7 @@ class CompiledDecoder:
         with torch._inductor.config.patch(ONE_ROW_COMPILE) if self.frozen else contextlib.nullcontext():
             logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
         rows = torch.arange(B, device=tokens.device)
-        k[:, rows, :, positions] = k_new.transpose(0, 1).to(k.dtype)  # the indexed dims come first: (B, n_layer, nh, hs)
+        # the indexed dims come first: (B, n_layer, nh, hs), in the cache's dtype
+        k[:, rows, :, positions] = k_new.transpose(0, 1).to(k.dtype)
         v[:, rows, :, positions] = v_new.transpose(0, 1).to(v.dtype)
         return logits

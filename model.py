@@ -63,7 +63,7 @@ class KVCache:
         their keys and values are stored: causal among the new ones, which see every cached one."""
         p, T = self.pos, q.size(2)
         k_all, v_all = self.update(layer, k, v)
-        if p == 0:  # the first call: the whole prompt, its own keys and values (as computed, whatever the cache's dtype)
+        if p == 0:  # the first call: the whole prompt, on its keys and values as computed (the cache may round them)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         k, v = k_all.to(q.dtype), v_all.to(q.dtype)
         mask = None
