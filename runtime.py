@@ -147,6 +147,12 @@ def setup_runtime(args):
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision('high')  # TF32 matmuls for whatever runs in float32
     if ddp:
+        # torch._dynamo, imported later by DDP or torch.compile, takes references to a process group
+        # that exists at its import and keeps it for good: destroy_process_group would then leave
+        # Gloo's threads and sockets running into the interpreter's exit, the likely cause of a rank's
+        # rare abort after a finished run ('terminate called without an active exception'). Imported
+        # first, it holds none, and the group closes when train.main destroys it.
+        import torch._dynamo  # noqa: F401
         # the timeout bounds every collective: a process that hangs fails the run, not stalls it
         dist.init_process_group('nccl' if kind == 'cuda' else 'gloo',
                                 device_id=torch.device(device) if kind == 'cuda' else None,

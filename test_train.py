@@ -263,6 +263,30 @@ def test_two_process_torchrun_matches_one_process(data, tmp_path):
     assert end_lines(ddp_log)[0][:3] == end_lines((tmp_path / 'one' / 'train.log').read_text())[0][:3]
 
 
+TRAIN_THEN_THREADS = """
+import os, sys
+import train
+status = train.main(sys.argv[1:])
+threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
+print('rank', os.environ['RANK'], 'status', status, 'gloo threads', sorted(t for t in threads if 'gloo' in t), flush=True)
+"""
+
+
+def test_a_finished_ddp_run_leaves_no_gloo_threads(data, tmp_path):
+    """train.main's destroy_process_group really closes the Gloo group (its threads and sockets), so
+    nothing of it is left running into the interpreter's exit. torch._dynamo imported after the group
+    (DDP imports it) used to keep it alive."""
+    script = tmp_path / 'train_then_threads.py'
+    script.write_text(TRAIN_THEN_THREADS)
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        str(script), *TINY, '--data', data, '--data-tokens', '3000', '--max-steps', '2',
+                        '--out-dir', str(tmp_path / 'run')], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, 'PYTHONPATH': ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith('rank')) == [
+        'rank 0 status 0 gloo threads []', 'rank 1 status 0 gloo threads []']
+
+
 GLOO_PEER_DIES = """
 import os, sys, torch, torch.distributed as dist
 import runtime
