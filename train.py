@@ -432,6 +432,7 @@ def train(argv, t_start):
 def main(argv=None):
     """Run train.py with these arguments (default: the command line); returns the exit status."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    broken = False  # a collective failed: the group cannot be closed in order
     try:
         # from the command line the clock started at the first import; from Python, it starts now
         return train(sys.argv[1:], T_START) if argv is None else train(argv, time.time())
@@ -447,12 +448,13 @@ def main(argv=None):
         reason = collective_failure(e) if dist.is_initialized() else None
         if reason is None:
             raise
+        broken = True
         raise TrainError(f'another process of this run died or hung ({reason}); continue from the '
                          f'last checkpoint with --resume') from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if dist.is_initialized():
+        if dist.is_initialized() and not broken:
             dist.destroy_process_group()
 
 
@@ -463,6 +465,11 @@ if __name__ == '__main__':
         sys.exit(status)
     except TrainError as e:
         print(f'error: {e}', file=sys.stderr)
+        if dist.is_initialized():
+            # a group whose collective failed is left open: closing it, here or at the interpreter's
+            # exit, hung now and then while a peer was stopped (SIGSTOP). torchrun ends the others
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last checkpoint as it was
         print('\nerror: stopped at once by a second Ctrl-C; the last checkpoint is as it was',
