@@ -327,10 +327,13 @@ judged = quality(args.quality_checkpoint) if args.quality_checkpoint else None
 
 try:
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
-                           text=True).stdout.strip()
+    top = subprocess.run(['git', 'rev-parse', '--show-toplevel'], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
+                             text=True).stdout.splitlines()
+    # the table this run is about to overwrite (the last run's) is no change to the code measured
+    dirty = [line for line in changed if os.path.realpath(os.path.join(top, line[3:])) != os.path.realpath(args.out)]
 except OSError:
-    commit, dirty = '', ''
+    commit, dirty = '', []
 cpu = platform.processor() or platform.machine()
 with open('/proc/cpuinfo') if os.path.exists('/proc/cpuinfo') else open(os.devnull) as f:
     cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
