@@ -20,6 +20,7 @@ how close it comes, beside llama.cpp on the same weights):
 """
 import contextlib
 import functools
+import hashlib
 import os
 import time
 import types
@@ -29,6 +30,7 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from data import GPT2_VOCAB_SIZE
 
@@ -210,13 +212,42 @@ PRECISIONS = ('float32', 'int8', 'int4')
 
 # A compiled step for one row at a time (inference.py's) can do better for int8: with the weights
 # frozen into the graph as constants, inductor blocks them for its own GEMM template for
-# torch._weight_int8pack_mm, which max_autotune picks by timing it against the eager kernel. Side by
-# side at one row (GPT-2 124M, 2 threads, logs/compiled_decoding.md) the 48 block matrices took 3.19 ms
-# in it against 5.21 ms in torch._int_mm, and a whole step 5.0 against 7.7 ms. It is for one row
-# only: at 8 rows it took 30 against 18 ms for the step, so batching keeps torch._int_mm, and a
-# batch's rows are decoded by the same kernel however many share a step. And it compiles anew in
-# every process (half a minute or more for the 124M): see CompiledDecoder.__call__.
-ONE_ROW_COMPILE = {'freezing': True, 'fx_graph_cache': False}
+# torch._weight_int8pack_mm (max_autotune). Side by side at one row (GPT-2 124M, 2 threads,
+# logs/compiled_decoding.md) the 48 block matrices took 3.19 ms in it against 5.21 ms in
+# torch._int_mm and 7.44 in the eager _weight_int8pack_mm, and a whole step 5.0 against 7.7 ms. It is
+# for one row only: at 8 rows it took 30 against 18 ms for the step, so batching keeps torch._int_mm,
+# and a batch's rows are decoded by the same kernel however many share a step.
+# Left to itself, max_autotune times the template against the eager kernel on each shape and keeps
+# the faster; but it times them on weights that sit in the CPU's cache, where a decoding step streams
+# them from memory, and its pick moved from one compile to the next (the eager kernel won the MLP's
+# 3072 x 768 in one of three compiles here, and that step decoded slower). Where the template's
+# vector code is the one measured (AVX512), it is taken without the timing, which also saves 4 to 5 s
+# of compile for each of the five shapes; elsewhere the timing picks.
+ONE_ROW_COMPILE = {'freezing': True}
+if torch.backends.cpu.get_cpu_capability().startswith('AVX512'):
+    ONE_ROW_COMPILE['max_autotune_gemm_backends'] = 'CPP'
+
+
+class WeightsKey(CustomGraphPass):
+    """A frozen graph holds its model's weights, blocked for the template, and torch's compiled-graph
+    cache (TORCHINDUCTOR_CACHE_DIR) keys such constants by their shapes alone: found there, one model's
+    graph would run its weights for another model of the same shapes (test_cpu_decode.py). Set as
+    inductor's post-grad pass, which does nothing to the graph, this puts a digest of the weights in
+    the cache's key, so that a later process finds the graph of the same weights alone, and loads it
+    in seconds instead of compiling it anew (README has both times)."""
+
+    def __init__(self, model):
+        h = hashlib.sha256()  # about 0.3 s for the 124M's int8 weights and float32 tables
+        for name, t in model.state_dict().items():
+            h.update(f'{name} {t.dtype} {tuple(t.shape)};'.encode())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.digest = h.hexdigest()
+
+    def __call__(self, graph):
+        pass
+
+    def uuid(self):
+        return self.digest
 
 
 def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE, compile=False, one_row=False):
@@ -280,7 +311,7 @@ class CompiledDecoder:
     input that it also writes. The graph's shapes are fixed but two: the cached length L (any, from
     2), and B (1, or any from 2). So it compiles once for B = 1 and once for B > 1, the first time each
     comes; torch keeps the compiled code on disk (TORCHINDUCTOR_CACHE_DIR) and a later process loads it
-    in seconds (except a frozen graph: ONE_ROW_COMPILE).
+    in seconds (a frozen graph, with its weights: WeightsKey).
 
     one_row: B = 1 alone (generate_ids' step), compiled once. frozen: int8's one-row GEMM template
     (ONE_ROW_COMPILE). cache_dtype: the dtype of the KV cache to make for it (generate_ids does):
@@ -295,8 +326,10 @@ class CompiledDecoder:
         # (another precision, another size) must not find this one's graphs.
         step = types.FunctionType(CompiledDecoder.step.__code__.replace(), globals())
         options = {'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.config = {}  # inductor's, set around each call (__call__)
         if frozen:  # int8's GEMM template on frozen weights (ONE_ROW_COMPILE)
             options['max_autotune'] = True
+            self.config = {**ONE_ROW_COMPILE, 'post_grad_custom_post_pass': WeightsKey(model)}
         self.compiled = torch.compile(types.MethodType(step, self), dynamic=False, options=options)
 
     def step(self, tokens, positions, k, v, seen):
@@ -347,13 +380,11 @@ class CompiledDecoder:
             for t, dim in ((tokens, 0), (positions, 0), (seen, 0), (k_seen, 1), (v_seen, 1)):
                 torch._dynamo.mark_dynamic(t, dim)
         assert B == 1 or not self.one_row, 'a one-row decoder decodes one row'
-        # A frozen decoder compiles with ONE_ROW_COMPILE. freezing is read before torch.compile's
-        # options apply, so it is set around every call that may compile (about 20 us a call: any
-        # call could, should a guard fail, and without freezing this graph does not compile at all).
-        # A frozen graph must not go into torch's graph cache, nor come from it: the cache knows
-        # frozen weights by their shapes alone, and would hand one model's graph, its weights and
-        # all, to another of the same shapes (test_cpu_decode.py)
-        with torch._inductor.config.patch(ONE_ROW_COMPILE) if self.frozen else contextlib.nullcontext():
+        # A frozen decoder compiles with ONE_ROW_COMPILE and its weights' key (WeightsKey). freezing is
+        # read before torch.compile's options apply, so it is set around every call that may compile
+        # (about 20 us a call: any call could, should a guard fail, and without freezing this graph does
+        # not compile at all)
+        with torch._inductor.config.patch(self.config) if self.config else contextlib.nullcontext():
             logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
         rows = torch.arange(B, device=tokens.device)
         # the indexed dims come first: (B, n_layer, nh, hs), in the cache's dtype

@@ -245,8 +245,8 @@ def main(argv=None):
                              'README has its measured cost) or float32; auto: int8 on CPU, float32 elsewhere')
     parser.add_argument('--compile', action='store_true',
                         help='decode through one torch.compile graph (cpu_decode.py): faster per token, int8 about '
-                             'twice as fast, after a compile that takes about 40 s for GPT-2 124M (int8: at every '
-                             'start, its weights frozen into the graph); README has the figures')
+                             'twice as fast, after a compile of about 70 s for GPT-2 124M the first time and 15 s '
+                             'later (torch keeps it on disk for the same weights); README has the figures')
     parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--export', metavar='PATH', default=None,

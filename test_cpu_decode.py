@@ -129,6 +129,23 @@ def test_each_model_keeps_to_its_own_graphs(base):
             assert (last - eager[name]).abs().max() <= ATOL[decoder[name]], name
 
 
+def test_a_one_row_graph_comes_from_the_cache_for_its_own_weights_alone(base, tmp_path, monkeypatch):
+    """inference.py's step is frozen (its weights in the graph): a later decoder of the same weights,
+    in this process or the next, loads it from torch's compiled-graph cache instead of compiling it
+    anew, and a model of the same shapes but other weights compiles its own (WeightsKey)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))  # nothing compiled before
+    torch.manual_seed(1)
+    other = GPT(TINY_CONFIG).eval()
+    tokens = torch.arange(5, 15)
+    for model, hit in ((base, 0), (base, 1), (other, 0)):
+        before = counters['inductor']['fxgraph_cache_hit']
+        last = fed_logits(prepared(model, 'int8, one row', compile=True), tokens, True)[0][-1]
+        assert counters['inductor']['fxgraph_cache_hit'] - before == hit
+        eager = fed_logits(prepared(model, 'int8, one row'), tokens, False)[0][-1]
+        assert (last - eager)[:GPT2_VOCAB_SIZE].abs().max() <= ATOL['int8, one row']
+
+
 def test_a_warmed_up_server_compiles_nothing_more(base):
     """batching.Server warms its model's decoder up before it takes requests: after that, steps of one
     row and of several, at any cached length, run graphs already made (a compile in a request would
