@@ -15,13 +15,16 @@ how close it comes, beside llama.cpp on the same weights):
   mode the small ops between the matmuls (LayerNorm, the activations' quantization, GELU, bias adds,
   attention over the cache) cost a quarter of a token's time; compiled, they fuse into a few loops
   around the matmul kernels. The first compile takes a while; torch keeps it on disk for later runs.
-  For one row at a time (inference.py's), int8's step goes further (ONE_ROW_COMPILE), and a quantized
-  step's KV cache is float16.
+  For one row at a time (inference.py's), int8's step goes further (ONE_ROW_COMPILE), compiled ahead
+  of time once per model (PackagedDecoder), and a quantized step's KV cache is float16.
 """
 import contextlib
 import functools
+import glob
 import hashlib
+import inspect
 import os
+import platform
 import time
 import types
 import warnings
@@ -30,7 +33,6 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from data import GPT2_VOCAB_SIZE
 
@@ -220,42 +222,26 @@ PRECISIONS = ('float32', 'int8', 'int4')
 # Left to itself, max_autotune times the template against the eager kernel on each shape and keeps
 # the faster; but it times them on weights that sit in the CPU's cache, where a decoding step streams
 # them from memory, and its pick moved from one compile to the next (the eager kernel won the MLP's
-# 3072 x 768 in one of three compiles here, and that step decoded slower). Where the template's
+# 3072 x 768 in one of two fresh compiles here, and that step decoded slower). Where the template's
 # vector code is the one measured (AVX512), it is taken without the timing, which also saves 4 to 5 s
 # of compile for each of the five shapes; elsewhere the timing picks.
-ONE_ROW_COMPILE = {'freezing': True}
+# The compile takes a minute or more for the 124M, so it is done ahead of time, once per model:
+# PackagedDecoder. freezing must be set as inductor's config (as an option of torch.compile it had no
+# effect), and a frozen graph must not go into torch's compiled-graph cache, nor come from it: that
+# cache knows frozen weights by their shapes alone, and handed one model's graph, its weights and all,
+# to another of the same shapes (test_cpu_decode.py)
+ONE_ROW_COMPILE = {'freezing': True, 'fx_graph_cache': False, 'max_autotune': True}
 if torch.backends.cpu.get_cpu_capability().startswith('AVX512'):
     ONE_ROW_COMPILE['max_autotune_gemm_backends'] = 'CPP'
-
-
-class WeightsKey(CustomGraphPass):
-    """A frozen graph holds its model's weights, blocked for the template, and torch's compiled-graph
-    cache (TORCHINDUCTOR_CACHE_DIR) keys such constants by their shapes alone: found there, one model's
-    graph would run its weights for another model of the same shapes (test_cpu_decode.py). Set as
-    inductor's post-grad pass, which does nothing to the graph, this puts a digest of the weights in
-    the cache's key, so that a later process finds the graph of the same weights alone, and loads it
-    in seconds instead of compiling it anew (README has both times)."""
-
-    def __init__(self, model):
-        h = hashlib.sha256()  # about 0.3 s for the 124M's int8 weights and float32 tables
-        for name, t in model.state_dict().items():
-            h.update(f'{name} {t.dtype} {tuple(t.shape)};'.encode())
-            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self.digest = h.hexdigest()
-
-    def __call__(self, graph):
-        pass
-
-    def uuid(self):
-        return self.digest
 
 
 def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROUP_SIZE, compile=False, one_row=False):
     """Make model (in place) a generation model: with precision 'int8' or 'int4', the quantized
     linears above in every block and the head (float32: as it is); with compile, a CompiledDecoder as
     model.compiled_decode, which inference.generate_ids and batching.Batch then decode with; with
-    one_row too, one for a row at a time (generate_ids' alone, not a Batch's), int8's in the GEMM
-    template above. Returns model."""
+    one_row too, one for a row at a time (generate_ids' alone, not a Batch's): int8's in the GEMM
+    template above, compiled ahead of time (a PackagedDecoder), and a float16 KV cache for int8 and
+    int4. Returns model."""
     if precision not in PRECISIONS:
         raise ValueError(f'unknown precision {precision!r}: {", ".join(PRECISIONS)}')
     if precision != 'float32':
@@ -281,7 +267,7 @@ def prepare_for_generation(model, precision='float32', int4_group_size=INT4_GROU
         # there a 16-bit cache was no faster (its query's dequantization is redone at every cached
         # position). The prompt pass attends to its own keys and values, in float32.
         cache_dtype = torch.float16 if one_row and precision != 'float32' else torch.float32
-        model.compiled_decode = CompiledDecoder(model, one_row, frozen, cache_dtype)
+        model.compiled_decode = PackagedDecoder(model) if frozen else CompiledDecoder(model, one_row, cache_dtype)
     return model
 
 
@@ -311,14 +297,14 @@ class CompiledDecoder:
     input that it also writes. The graph's shapes are fixed but two: the cached length L (any, from
     2), and B (1, or any from 2). So it compiles once for B = 1 and once for B > 1, the first time each
     comes; torch keeps the compiled code on disk (TORCHINDUCTOR_CACHE_DIR) and a later process loads it
-    in seconds (a frozen graph, with its weights: WeightsKey).
+    in seconds.
 
-    one_row: B = 1 alone (generate_ids' step), compiled once. frozen: int8's one-row GEMM template
-    (ONE_ROW_COMPILE). cache_dtype: the dtype of the KV cache to make for it (generate_ids does):
+    one_row: B = 1 alone (generate_ids' step), compiled once. cache_dtype: the dtype of the KV cache
+    to make for it (generate_ids does):
     float16 for a quantized one-row decoder (prepare_for_generation says why), float32 otherwise."""
 
-    def __init__(self, model, one_row=False, frozen=False, cache_dtype=torch.float32):
-        self.model, self.one_row, self.frozen, self.cache_dtype = model, one_row, frozen, cache_dtype
+    def __init__(self, model, one_row=False, cache_dtype=torch.float32):
+        self.model, self.one_row, self.cache_dtype = model, one_row, cache_dtype
         # Before each call torch checks that what the graph was made for still holds (guards). Checking
         # the modules' attributes too would cost 0.4 ms a token here (5%), and they do not change once
         # prepare_for_generation is done: so the guards skip them, and this decoder's step gets a code
@@ -326,10 +312,6 @@ class CompiledDecoder:
         # (another precision, another size) must not find this one's graphs.
         step = types.FunctionType(CompiledDecoder.step.__code__.replace(), globals())
         options = {'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.config = {}  # inductor's, set around each call (__call__)
-        if frozen:  # int8's GEMM template on frozen weights (ONE_ROW_COMPILE)
-            options['max_autotune'] = True
-            self.config = {**ONE_ROW_COMPILE, 'post_grad_custom_post_pass': WeightsKey(model)}
         self.compiled = torch.compile(types.MethodType(step, self), dynamic=False, options=options)
 
     def step(self, tokens, positions, k, v, seen):
@@ -374,20 +356,134 @@ class CompiledDecoder:
         positions = torch.tensor(lengths, device=tokens.device)
         seen = torch.arange(L, device=tokens.device) < positions[:, None]  # (B, L)
         k_seen, v_seen = k[:, :B, :, :L], v[:, :B, :, :L]
-        for t, dim in ((k_seen, 3), (v_seen, 3), (seen, 1)):
-            torch._dynamo.mark_dynamic(t, dim)
-        if B > 1:
-            for t, dim in ((tokens, 0), (positions, 0), (seen, 0), (k_seen, 1), (v_seen, 1)):
-                torch._dynamo.mark_dynamic(t, dim)
         assert B == 1 or not self.one_row, 'a one-row decoder decodes one row'
-        # A frozen decoder compiles with ONE_ROW_COMPILE and its weights' key (WeightsKey). freezing is
-        # read before torch.compile's options apply, so it is set around every call that may compile
-        # (about 20 us a call: any call could, should a guard fail, and without freezing this graph does
-        # not compile at all)
-        with torch._inductor.config.patch(self.config) if self.config else contextlib.nullcontext():
-            logits, k_new, v_new = self.compiled(tokens, positions, k_seen, v_seen, seen)
+        logits, k_new, v_new = self.run(tokens, positions, k_seen, v_seen, seen)
         rows = torch.arange(B, device=tokens.device)
         # the indexed dims come first: (B, n_layer, nh, hs), in the cache's dtype
         k[:, rows, :, positions] = k_new.transpose(0, 1).to(k.dtype)
         v[:, rows, :, positions] = v_new.transpose(0, 1).to(v.dtype)
         return logits
+
+    def run(self, tokens, positions, k_seen, v_seen, seen):
+        """step's outputs for its inputs, through the compiled graph."""
+        B = tokens.size(0)
+        for t, dim in ((k_seen, 3), (v_seen, 3), (seen, 1)):
+            torch._dynamo.mark_dynamic(t, dim)
+        if B > 1:
+            for t, dim in ((tokens, 0), (positions, 0), (seen, 0), (k_seen, 1), (v_seen, 1)):
+                torch._dynamo.mark_dynamic(t, dim)
+        return self.compiled(tokens, positions, k_seen, v_seen, seen)
+
+
+# ---- inference.py's step, compiled ahead of time ----
+
+# packages older than the newest few are deleted as a new one is written: each holds its model's weights
+KEPT_PACKAGES = 3
+
+
+class PackagedDecoder(CompiledDecoder):
+    """CompiledDecoder's one-row int8 step (frozen weights in inductor's GEMM template), compiled
+    ahead of time by AOTInductor into a package on disk, so that only the first run for a model pays
+    the compile: a later one, same weights, loads the package in about a second. The package's name is
+    a digest of all that went into it: the model's tensors, the cache's layout, torch's version, the
+    CPU's instruction set and this file and model.py, so that no other model, torch or CPU ever runs
+    it. The packages live in folder (package_folder()), the newest KEPT_PACKAGES of them."""
+
+    def __init__(self, model, folder=None):
+        self.model, self.one_row, self.cache_dtype = model, True, torch.float16
+        self.folder, self.runner, self.strides = folder or package_folder(), None, None
+
+    def run(self, tokens, positions, k_seen, v_seen, seen):
+        if self.runner is None:
+            self.runner, self.strides = self.load_or_build(tokens, positions, k_seen, v_seen, seen), k_seen.stride()
+        # the package reads its inputs with the strides it was compiled for, and checks none of them
+        if k_seen.stride() != self.strides or v_seen.stride() != self.strides or k_seen.dtype != self.cache_dtype:
+            raise ValueError(f'this decoder reads a {self.cache_dtype} cache of strides {self.strides}')
+        return self.runner(tokens, positions, k_seen, v_seen, seen)
+
+    def package_path(self, k_seen):
+        digest = hashlib.sha256()
+        # the threads too: the template's blocking is made for the threads it will run on
+        for part in (torch.__version__, cpu_identity(), str(torch.get_num_threads()), str(k_seen.shape[:3]),
+                     str(k_seen.stride()), str(k_seen.dtype)):
+            digest.update(part.encode() + b'\0')
+        for module in (__file__, inspect.getsourcefile(type(self.model))):
+            with open(module, 'rb') as f:
+                digest.update(f.read())
+        for name, t in self.model.state_dict().items():
+            digest.update(name.encode() + str(t.dtype).encode())
+            digest.update(t.detach().reshape(-1).view(torch.uint8).numpy())
+        return os.path.join(self.folder, f'decode-{digest.hexdigest()[:32]}.pt2')
+
+    def load_or_build(self, *args):
+        """A runner of the package for inputs like args (step's), loaded or, the first time, built."""
+        path = self.package_path(args[2])
+        if os.path.exists(path):
+            try:
+                runner = torch._inductor.aoti_load_package(path)
+                os.utime(path)  # the newest again, for the pruning below
+                return runner
+            except (RuntimeError, OSError):  # a damaged package ('failed finding central directory'): made again
+                pass
+        os.makedirs(self.folder, exist_ok=True)
+        partial = os.path.join(self.folder, f'partial-{os.getpid()}-{os.path.basename(path)}')
+        max_len = args[2].stride(2) // args[2].size(4)  # the cache's length, of which args[2] is a view
+        try:
+            with torch.inference_mode(False), torch.no_grad(), hidden_fbgemm_weights(self.model):
+                # inputs of the same shapes and strides; the cached length may be any from 2 to
+                # max_len - 1 (at max_len the view would be contiguous: another layout)
+                examples = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype) for a in args)
+                L = torch.export.Dim('L', min=2, max=max_len - 1)
+                program = torch.export.export(_Step(self.model), examples,
+                                              dynamic_shapes=(None, None, {3: L}, {3: L}, {1: L}))
+                with torch._inductor.config.patch(ONE_ROW_COMPILE):
+                    torch._inductor.aoti_compile_and_package(program, package_path=partial)
+            os.replace(partial, path)  # whole or not at all, should two processes build it at once
+        finally:
+            if os.path.exists(partial):  # a compile that failed (no C++ compiler, say)
+                os.remove(partial)
+        for old in sorted(glob.glob(os.path.join(self.folder, 'decode-*.pt2')), key=os.path.getmtime)[:-KEPT_PACKAGES]:
+            os.remove(old)
+        return torch._inductor.aoti_load_package(path)
+
+
+class _Step(nn.Module):
+    """CompiledDecoder.step as a module's forward, for torch.export."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    forward = CompiledDecoder.step
+
+
+def cpu_identity():
+    """The CPU's model and instruction sets, which the package's code was compiled for (Linux's
+    /proc/cpuinfo; elsewhere the platform's name for it). Cheap: inductor's own probe compiles a
+    test program (3 s here)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return ''.join(sorted({line for line in f if line.startswith(('model name', 'flags', 'Features'))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def package_folder():
+    """PackagedDecoder's folder: gpt2-decode in torch's compiler cache (TORCHINDUCTOR_CACHE_DIR, or
+    /tmp/torchinductor_<user>)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return os.path.join(cache_dir(), 'gpt2-decode')
+
+
+@contextlib.contextmanager
+def hidden_fbgemm_weights(model):
+    """torch.export cannot take fbgemm's packed weights (script objects) as attributes of a module:
+    they are put aside meanwhile (the one-row step never reads them)."""
+    saved = [(m, m.fbgemm_weight) for m in model.modules() if isinstance(m, Int8Linear)]
+    for m, _ in saved:
+        m.fbgemm_weight = None
+    try:
+        yield
+    finally:
+        for m, packed in saved:
+            m.fbgemm_weight = packed

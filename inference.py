@@ -244,9 +244,9 @@ def main(argv=None):
                         help='weights for generation: int8 or int4 (weight-only, CPU; int4 is faster and less exact: '
                              'README has its measured cost) or float32; auto: int8 on CPU, float32 elsewhere')
     parser.add_argument('--compile', action='store_true',
-                        help='decode through one torch.compile graph (cpu_decode.py): faster per token, int8 about '
-                             'twice as fast, after a compile of about 70 s for GPT-2 124M the first time and 15 s '
-                             'later (torch keeps it on disk for the same weights); README has the figures')
+                        help='decode through one compiled graph (cpu_decode.py): int8 about twice as fast a token; '
+                             'int8\'s is compiled once per model (about 75 s for GPT-2 124M) into a package '
+                             'that later runs load in about 2 s; README has the figures')
     parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--export', metavar='PATH', default=None,

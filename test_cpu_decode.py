@@ -4,10 +4,12 @@ it, from an empty prompt and through context restarts, to the eager tokens; each
 to its own graphs when several live in one process; and `inference.py --compile` writes the text that
 the eager path writes. Tiny random models: each graph compiles in a few seconds."""
 import copy
+import os
 
 import pytest
 import torch
 
+import cpu_decode
 from batching import Batch, Sequence
 from conftest import TINY_CONFIG, run_cli, tiny_checkpoint
 from cpu_decode import PRECISIONS, prepare_for_generation
@@ -110,9 +112,10 @@ def test_each_model_keeps_to_its_own_graphs(base):
     """Decoders in one process, called in turn, each make their own model's logits: of different
     precisions (their guards skip the modules' attributes: a shared graph would run int8 kernels on
     int4 weights or the other way round), and two one-row int8 decoders of models of the same shapes but
-    other weights. A one-row step holds its model's int8 weights as constants (frozen, blocked for
-    inductor's GEMM template), and torch's compiled-graph cache keys such constants by their shapes
-    alone: a graph found there would run the first model's weights for the second."""
+    other weights. A one-row int8 step holds its model's weights as constants (frozen, blocked for
+    inductor's GEMM template) in a package on disk, named by a digest of the weights; torch's
+    compiled-graph cache, which keys such constants by their shapes alone, would hand the first
+    model's graph, weights and all, to the second."""
     torch.manual_seed(1)
     other = GPT(TINY_CONFIG).eval()
     models = {'int8': base, 'int4': base, 'int8, one row': base, 'int8, one row, other weights': other}
@@ -129,21 +132,34 @@ def test_each_model_keeps_to_its_own_graphs(base):
             assert (last - eager[name]).abs().max() <= ATOL[decoder[name]], name
 
 
-def test_a_one_row_graph_comes_from_the_cache_for_its_own_weights_alone(base, tmp_path, monkeypatch):
-    """inference.py's step is frozen (its weights in the graph): a later decoder of the same weights,
-    in this process or the next, loads it from torch's compiled-graph cache instead of compiling it
-    anew, and a model of the same shapes but other weights compiles its own (WeightsKey)."""
-    from torch._dynamo.utils import counters
-    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))  # nothing compiled before
-    torch.manual_seed(1)
-    other = GPT(TINY_CONFIG).eval()
-    tokens = torch.arange(5, 15)
-    for model, hit in ((base, 0), (base, 1), (other, 0)):
-        before = counters['inductor']['fxgraph_cache_hit']
-        last = fed_logits(prepared(model, 'int8, one row', compile=True), tokens, True)[0][-1]
-        assert counters['inductor']['fxgraph_cache_hit'] - before == hit
-        eager = fed_logits(prepared(model, 'int8, one row'), tokens, False)[0][-1]
-        assert (last - eager)[:GPT2_VOCAB_SIZE].abs().max() <= ATOL['int8, one row']
+def test_a_package_is_compiled_once_and_loaded_after(base, tmp_path, monkeypatch):
+    """inference.py's int8 step (a PackagedDecoder): the first decoder of a model compiles its package,
+    a later one with the same weights loads it and decodes alike, a damaged package is made again, only
+    the newest KEPT_PACKAGES stay, and a cache of another layout is refused: the package would read it
+    with its own strides. (Other weights get a package of their own: the test above.)"""
+    compiles, build = [], torch._inductor.aoti_compile_and_package
+    monkeypatch.setattr(torch._inductor, 'aoti_compile_and_package', lambda *a, **kw: compiles.append(1) or build(*a, **kw))
+    for i in range(cpu_decode.KEPT_PACKAGES):  # older packages, of other models
+        (tmp_path / f'decode-{i}.pt2').write_bytes(b'')
+        os.utime(tmp_path / f'decode-{i}.pt2', (i, i))
+
+    def decoded(model=base):
+        model = prepared(model, 'int8, one row', compile=True)
+        model.compiled_decode.folder = str(tmp_path)
+        return model, fed_logits(model, torch.arange(5, 15), True)[0]
+    _, first = decoded()
+    packages = sorted(tmp_path.glob('decode-*.pt2'), key=os.path.getmtime)
+    assert len(compiles) == 1 and len(packages) == cpu_decode.KEPT_PACKAGES and packages[0].name == 'decode-1.pt2'
+    model, again = decoded()
+    assert len(compiles) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    packages[-1].write_bytes(packages[-1].read_bytes()[:1000])  # damaged
+    _, remade = decoded()
+    assert len(compiles) == 2 and all(torch.equal(a, b) for a, b in zip(first, remade))
+    assert not list(tmp_path.glob('partial-*'))
+    with torch.inference_mode():
+        other = KVCache(model.config, 1, model.config.block_size + 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match='cache of strides'):
+        model.compiled_decode(torch.tensor([1]), [3], other.k, other.v)
 
 
 def test_a_warmed_up_server_compiles_nothing_more(base):
