@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import cpu_decode
+import inference
 from batching import Batch, Sequence
 from conftest import TINY_CONFIG, run_cli, tiny_checkpoint
 from cpu_decode import PRECISIONS, prepare_for_generation
 from data import GPT2_VOCAB_SIZE
 from inference import generate_ids
-from model import GPT, KVCache
+from model import GPT, GPTConfig, KVCache
 
 # the compiled step's logits against the eager step's, same weights and tokens. float32: equal to the
 # last bits (the fused LayerNorm and softmax round a few values otherwise). int8 and int4 run the same
@@ -197,5 +198,30 @@ def test_cli_compile_writes_the_eager_text(tmp_path):
     broken = run_cli(*args, '--compile', env={'CXX': str(tmp_path / 'no-such-compiler'),
                                               'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')})
     assert broken.returncode == 0 and broken.stdout == eager.stdout, broken.stderr[-2000:]
-    assert '# --compile: cannot compile the decoding step (' in broken.stderr and 'Traceback' not in broken.stderr
+    assert '# cannot compile the decoding step (' in broken.stderr and 'Traceback' not in broken.stderr
     assert ', compiled' not in broken.stderr
+
+
+
+def test_cli_compiles_int8_once_per_model_and_big_models_by_default(tmp_path):
+    """int8's one-row step on the command line: the first run for a model says that it compiles, and
+    builds the package; a later run loads it silently and writes the same text. A model as small as
+    the tests' decodes eagerly unless --compile asks; GPT-2 124M on the CPU compiles by default
+    (inference.compiles_by_default: the package then starts as fast as eager, README)."""
+    tiny_checkpoint(tmp_path / 'ckpt.pt')
+    args = ['--checkpoint', str(tmp_path / 'ckpt.pt'), '--prompt', 'ROMEO:', '--max-new-tokens', '20', '--seed', '1']
+    env = {'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')}
+    packages = tmp_path / 'inductor' / 'gpt2-decode'
+    eager = run_cli(*args, env=env)
+    assert eager.returncode == 0 and 'int8, cpu' in eager.stderr and not packages.exists(), eager.stderr[-2000:]
+    first, later = run_cli(*args, '--compile', env=env), run_cli(*args, '--compile', env=env)
+    for run in (first, later):
+        assert run.returncode == 0 and 'int8, compiled, cpu' in run.stderr, run.stderr[-2000:]
+    assert 'compiling the decoding step for this model, once' in first.stderr
+    assert 'compiling' not in later.stderr and later.stdout == first.stdout
+    assert len(list(packages.glob('decode-*.pt2'))) == 1
+    gpt2 = GPT(GPTConfig()).num_params()
+    assert inference.compiles_by_default('cpu', 'int8', gpt2)
+    assert not inference.compiles_by_default('cpu', 'int8', GPT(TINY_CONFIG).num_params())
+    assert not any(inference.compiles_by_default(*other, gpt2) for other in (('cpu', 'int4'), ('cpu', 'float32'),
+                                                                           ('cuda', 'float32'), ('mps', 'float32')))
