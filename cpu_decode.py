@@ -221,10 +221,11 @@ PRECISIONS = ('float32', 'int8', 'int4')
 # and a batch's rows are decoded by the same kernel however many share a step.
 # Left to itself, max_autotune times the template against the eager kernel on each shape and keeps
 # the faster; but it times them on weights that sit in the CPU's cache, where a decoding step streams
-# them from memory, and its pick moved from one compile to the next (the eager kernel won the MLP's
-# 3072 x 768 in one of two fresh compiles here, and that step decoded slower). Where the template's
-# vector code is the one measured (AVX512), it is taken without the timing, which also saves 4 to 5 s
-# of compile for each of the five shapes; elsewhere the timing picks.
+# them from memory (there the template read the 48 block matrices at 26.7 GB/s against 11.4), and its
+# pick moved from one compile to the next (the eager kernel won the MLP's 3072 x 768 in one of two
+# fresh compiles here). Where the template's vector code is the one measured (AVX512), it is taken
+# without the timing, which also saves 4 to 5 s of compile for each of the five shapes; elsewhere
+# the timing picks.
 # The compile takes a minute or more for the 124M, so it is done ahead of time, once per model:
 # PackagedDecoder. freezing must be set as inductor's config (as an option of torch.compile it had no
 # effect), and a frozen graph must not go into torch's compiled-graph cache, nor come from it: that
