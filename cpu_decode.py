@@ -393,7 +393,6 @@ class PackagedDecoder(CompiledDecoder):
     def __init__(self, model, folder=None):
         self.model, self.one_row, self.cache_dtype = model, True, torch.float16
         self.folder, self.runner, self.strides = folder or package_folder(), None, None
-        self.paths = {}  # package_path's
 
     def run(self, tokens, positions, k_seen, v_seen, seen):
         if self.runner is None:
@@ -404,25 +403,26 @@ class PackagedDecoder(CompiledDecoder):
         return self.runner(tokens, positions, k_seen, v_seen, seen)
 
     def package_path(self, k_seen):
-        """The package's file for a cache like k_seen (of the cache, or a view of its first positions)."""
-        key = (tuple(k_seen.shape[:3]), k_seen.stride(), k_seen.dtype, torch.get_num_threads())
-        if key not in self.paths:  # the digest reads every weight: 0.3 s for the 124M
-            self.paths[key] = self.make_package_path(k_seen)
-        return self.paths[key]
-
-    def make_package_path(self, k_seen):
-        digest = hashlib.sha256()
+        """The package's file for a cache like k_seen (the cache, or a view of its first positions)."""
+        digest = hashlib.sha256(self.source_digest)
         # the threads too: the template's blocking is made for the threads it will run on
         for part in (torch.__version__, cpu_identity(), str(torch.get_num_threads()), str(k_seen.shape[:3]),
                      str(k_seen.stride()), str(k_seen.dtype)):
             digest.update(part.encode() + b'\0')
+        return os.path.join(self.folder, f'decode-{digest.hexdigest()[:32]}.pt2')
+
+    @functools.cached_property
+    def source_digest(self):
+        """A digest of the code and the weights (which prepare_for_generation left as they stay): it
+        reads every weight, 0.3 s for the 124M, so once per decoder."""
+        digest = hashlib.sha256()
         for module in (__file__, inspect.getsourcefile(type(self.model))):
             with open(module, 'rb') as f:
                 digest.update(f.read())
         for name, t in self.model.state_dict().items():
             digest.update(name.encode() + str(t.dtype).encode())
             digest.update(t.detach().reshape(-1).view(torch.uint8).numpy())
-        return os.path.join(self.folder, f'decode-{digest.hexdigest()[:32]}.pt2')
+        return digest.digest()
 
     def load_or_build(self, *args):
         """A runner of the package for inputs like args (step's), loaded or, the first time, built."""
