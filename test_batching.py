@@ -38,7 +38,8 @@ def recorded(monkeypatch, module):
     return seen
 
 
-@pytest.fixture(scope='module', params=['float32', 'int8', 'int8, compiled'])
+# 'int8, compiled' compiles graphs of one row and of several (30 s): in the slow suite
+@pytest.fixture(scope='module', params=['float32', 'int8', pytest.param('int8, compiled', marks=pytest.mark.slow)])
 def model(request):
     """A tiny model and its precision; 'int8, compiled': with cpu_decode's compiled step, whose graphs
     for one row (alone) and for several (together) are not the same code."""

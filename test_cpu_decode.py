@@ -133,6 +133,7 @@ def test_each_model_keeps_to_its_own_graphs(base):
             assert (last - eager[name]).abs().max() <= ATOL[decoder[name]], name
 
 
+@pytest.mark.slow  # two package builds (20 s each): the slow suite
 def test_a_package_is_compiled_once_and_loaded_after(base, tmp_path, monkeypatch):
     """inference.py's int8 step (a PackagedDecoder): the first decoder of a model compiles its package,
     a later one with the same weights loads it and decodes alike, a damaged package is made again, only
@@ -202,7 +203,7 @@ def test_cli_compile_writes_the_eager_text(tmp_path):
     assert ', compiled' not in broken.stderr
 
 
-
+@pytest.mark.slow  # three runs, one building a package with a compiler cache of its own (50 s): the slow suite
 def test_cli_compiles_int8_once_per_model_and_big_models_by_default(tmp_path):
     """int8's one-row step on the command line: the first run for a model says that it compiles, and
     builds the package; a later run loads it silently and writes the same text. A model as small as
