@@ -131,9 +131,11 @@ def test_sampling_rules():
 
 
 def test_temperature_shapes_the_sampled_frequencies():
-    """Three tokens with logits 0, 1, 2: at temperature t they come with softmax([0, 1, 2] / t). 20,000
-    draws (fixed seed) land within 0.015 of those probabilities, about 4 standard deviations."""
-    logits = torch.full((50304,), float('-inf'))
+    """Three tokens with logits 0, 1, 2 among -inf ones: at temperature t they come with
+    softmax([0, 1, 2] / t). 20,000 draws (fixed seed) land within 0.015 of those probabilities, about
+    4 standard deviations. (A 64-entry vocabulary: the same draws as a 50,304-entry one, 6 times as
+    fast.)"""
+    logits = torch.full((64,), float('-inf'))
     logits[[7, 8, 9]] = torch.tensor([0.0, 1.0, 2.0])
     for t in (0.25, 1.0, 4.0):
         g = torch.Generator().manual_seed(0)
