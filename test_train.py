@@ -474,7 +474,7 @@ def interrupt_a_long_step(out, *argv):
     return rc, shown, took, step
 
 
-@pytest.mark.slow  # a step made minutes long, and a run to the target after it: 30 s
+@pytest.mark.slow  # two runs stopped in steps of over 10 s, and a one-step run between them: 30 s
 @pytest.mark.timeout(300)
 def test_ctrl_c_in_a_long_step_is_answered_within_a_micro_step(data, tmp_path):
     """A step that takes over 10 s shows its progress on the terminal (never in train.log). Ctrl-C in
