@@ -25,8 +25,11 @@ INPUT = os.path.join(ROOT, 'input.txt')
 
 # train.py with a 2-layer, 32-wide model on 32-token windows, 4 per micro-step: a step takes tens of
 # milliseconds on a CPU. No samples at the end: 300 tokens of generation would cost more than the run.
+# nanoGPT's AdamW recipe in float32, so runs compare to the bit: the CPU preset and --dtype auto
+# choose by timing (their own tests pin what they choose).
 TINY_ARGS = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '4',
-             '--warmup-steps', '2', '--device', 'cpu', '--samples', '0']
+             '--warmup-steps', '2', '--device', 'cpu', '--samples', '0', '--preset', 'gpu', '--dtype', 'float32',
+             '--no-compile']
 # a train.log step line: (step, loss, norm, lr) as printed
 STEP_LINE = re.compile(r'step (\d+) \| loss: (\S+) \| dt: \d+\.\d\dms \| tok/sec: \d+\.\d\d \| norm: (\S+) \| lr: (\S+)')
 # texts whose tokens are easy to get wrong: joined emoji, CJK, combining marks, Windows line ends, spaces

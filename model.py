@@ -130,6 +130,59 @@ class Block(nn.Module):
         return x
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1: no target), without the
+    (N, vocab) logits ever made whole: a chunk of rows at a time, the forward pass computes the loss
+    and both gradients, and backward only scales them. On a CPU this is the one loss path: the
+    float32 logits, their log-softmax and its backward cost a step more than all its other matmuls
+    (logs/cpu_training.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype, chunk, grads):
+        # x (N, C), weight (vocab, C), targets (N,); the matmuls in `dtype`, the softmax in float32;
+        # grads: False when no backward will follow (evaluation)
+        w = weight.to(dtype)
+        valid = targets != -1
+        scale = 1.0 / valid.sum().clamp(min=1)
+        loss = torch.zeros((), device=x.device)
+        grad_x = torch.empty(x.shape, dtype=dtype, device=x.device) if grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads else None
+        for s in range(0, x.size(0), chunk):
+            xc, t, v = x[s:s + chunk].to(dtype), targets[s:s + chunk].clamp(min=0)[:, None], valid[s:s + chunk]
+            logits = (xc @ w.t()).float()  # (chunk, vocab)
+            picked = logits.gather(1, t).squeeze(1)
+            top = logits.amax(1, keepdim=True)
+            p = logits.sub_(top).exp_()  # in place: softmax numerators, shifted for range
+            total = p.sum(1)
+            loss += ((top.squeeze(1) + total.log() - picked) * v).sum()  # log-sum-exp - target logit
+            if not grads:
+                continue
+            # d loss / d logits = (softmax - one-hot of the target) / targets counted
+            weight_row = v * scale
+            p.mul_((weight_row / total)[:, None]).scatter_add_(1, t, -weight_row[:, None])
+            p = p.to(dtype)
+            grad_x[s:s + chunk] = p @ w
+            grad_w += p.t() @ xc
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes = x.dtype, weight.dtype
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_w = ctx.saved_tensors
+        return (grad_x * grad).to(ctx.dtypes[0]), (grad_w * grad).to(ctx.dtypes[1]), None, None, None, None
+
+
+@torch.compiler.disable  # its own loop of chunks; the compiled blocks hand it x
+def linear_cross_entropy(x, weight, targets, chunk=1024):
+    """The loss of LinearCrossEntropy, in autocast's dtype when autocast is on."""
+    on = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    with torch.autocast(x.device.type, enabled=False):
+        return LinearCrossEntropy.apply(x, weight, targets, dtype, chunk, grads)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -191,6 +244,9 @@ class GPT(nn.Module):
         """Final LayerNorm, logits (B, T, C) -> (B, T, vocab_size) and the loss against targets. A
         method of its own so that train.py can compile it apart from the blocks."""
         x = self.transformer.ln_f(x)
+        if targets is not None and x.device.type == 'cpu':
+            # the (B, T, vocab) logits are never made whole: see LinearCrossEntropy
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)
         if targets is None:
             # the padded ids 50257..50303 are no tokens at all: they must never be sampled

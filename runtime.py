@@ -55,7 +55,37 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     if kind == 'mps':
         return 'Apple MPS'
-    return f'CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)'
+    return f'CPU {cpu_model()} ({os.cpu_count()} cores{", " if cpu_bf16() else ""}{cpu_bf16()})'
+
+
+def _cpuinfo(field):
+    """A field of the first processor in /proc/cpuinfo (Linux), or ''."""
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.split(':')[0].strip() == field:
+                    return line.split(':', 1)[1].strip()
+    return ''
+
+
+def cpu_model():
+    """The CPU's model name, as lscpu shows it where Linux tells it."""
+    return _cpuinfo('model name') or platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The CPU's feature flags (Linux), e.g. {'avx512_bf16', 'amx_bf16', ...}; empty elsewhere."""
+    return set(_cpuinfo('flags').split())
+
+
+def cpu_bf16():
+    """What the CPU has for bfloat16 math: 'AMX bf16' (matrix tiles), 'AVX512 bf16' (dot products
+    only), or '' (emulated, or not known off Linux). Logged beside every CPU figure: it decides how
+    fast bfloat16 trains."""
+    flags = cpu_flags()
+    if 'amx_bf16' in flags:
+        return 'AMX bf16'
+    return 'AVX512 bf16' if 'avx512_bf16' in flags else ''
 
 
 # ---- what a run costs on this machine ----
@@ -124,6 +154,23 @@ def measure_micro_step(model, x, y, ctx):
     return seconds, grown
 
 
+def keep_freed_memory():
+    """On Linux with glibc: freed memory stays in the process for the next allocation instead of
+    going back to the system. A CPU training step allocates and frees GBs of activations; by
+    default glibc maps each big block anew and the kernel zeroes every page of it on first touch,
+    which took a third of a step's time (logs/cpu_training.md). True if the setting took."""
+    if sys.platform != 'linux':
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None)
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters in glibc's malloc.h
+        # no block served by its own mmap, and no trimming of the heap's free top back to the system
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 # ---- the processes ----
 
 Runtime = namedtuple('Runtime', 'ddp rank local_rank world device device_type dtype autocast '
@@ -181,6 +228,53 @@ def out_of_memory(error):
     return found.group(0) if isinstance(error, RuntimeError) and found else None
 
 
+# ---- the CPU's precision ----
+
+# a compile on a CPU takes about a minute: it pays when the run is much longer than that
+CPU_COMPILE_MIN_RUN_SECONDS = 30 * 60
+
+
+def cpp_compiler():
+    """The C++ compiler torch.compile's CPU backend would call, or None."""
+    import shutil
+    return os.environ.get('CXX') or next(filter(None, map(shutil.which, ('g++', 'clang++', 'cl'))),
+                                         None)
+
+
+def pick_cpu_precision(args, rt, model, windows):
+    """On a CPU: (the Runtime with --dtype auto and an unset --compile decided, a line for the log).
+    One sequence's forward and backward is timed in float32 and in bfloat16 autocast (each the
+    second of two tries: the first pays for one-off setup); the faster dtype trains. bfloat16 is
+    some 3 times as fast where the CPU multiplies bfloat16 matrices natively (AMX) and slower where
+    it emulates them. Compiling pays for a run of CPU_COMPILE_MIN_RUN_SECONDS or more at the eager
+    speed. Processes of one run add up their times, so they all decide the same."""
+    x, y = windows.get(0, 1)
+    dtypes = ['float32', 'bfloat16'] if args.dtype == 'auto' else [args.dtype]
+    seconds = []
+    for name in dtypes:
+        ctx = autocast(rt.device, name)[1]
+        measure_micro_step(model, x, y, ctx)
+        seconds.append(measure_micro_step(model, x, y, ctx)[0])
+    seconds = torch.tensor(seconds)
+    if rt.ddp:
+        dist.all_reduce(seconds)
+        seconds /= rt.world
+    best = int(seconds.argmin())
+    dtype, per_sequence = dtypes[best], seconds[best].item()
+    figures = ', '.join(f'{n} {t:.2f} s' for n, t in zip(dtypes, seconds.tolist()))
+    line = f'CPU precision: {dtype} (one sequence forward and backward: {figures})'
+    use_compile = rt.compile
+    if args.compile is None:
+        run_s = per_sequence * args.total_batch_tokens / args.block_size / rt.world * args.max_steps
+        use_compile = run_s >= CPU_COMPILE_MIN_RUN_SECONDS and cpp_compiler() is not None
+        why = f'{args.max_steps} steps take about {run_s / 3600:.1f} h at this speed'
+        if run_s >= CPU_COMPILE_MIN_RUN_SECONDS and not use_compile:
+            why += ', but no C++ compiler was found'
+        line += f'; compile: {"on" if use_compile else "off"} ({why})'
+    args.dtype, args.compile = dtype, use_compile  # saved: a resumed run keeps them
+    return rt._replace(dtype=dtype, autocast=autocast(rt.device, dtype)[1], compile=use_compile), line
+
+
 # ---- a slow machine ----
 
 # a 7.2M-parameter model on the play's first 1,025 tokens: the whole pipeline in minutes on a CPU
@@ -211,10 +305,11 @@ def fit_micro_batch(args, rt, model, windows, B):
         if need(B) and need(B) > 0.6 * free:  # 0.6: allocators keep more than a step holds
             return True
         return rt.device_type == 'cpu' and B * seconds > CPU_MICRO_STEP_SECONDS
+    wanted = B
     while B % 2 == 0 and too_big(B):
         B //= 2
     step_s = seconds * args.total_batch_tokens / args.block_size / rt.world
-    if B == 16 and step_s < 30:
+    if B == wanted and step_s < 30:
         return B, None
     memory = ''
     if need(B) is not None:

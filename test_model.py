@@ -113,3 +113,32 @@ def test_same_logits_as_transformers_gpt2():
     # the two agree to about 1e-7 (float32 rounding); GELU's exact erf form instead of GPT-2's tanh
     # approximation already differs by ~1e-5 here, so the tolerance has to be this tight
     torch.testing.assert_close(ours[..., :GPT2_VOCAB_SIZE], theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_the_chunked_loss_equals_cross_entropy_of_the_whole_logits(autocast):
+    """On a CPU the loss never makes the (N, vocab) logits whole (model.LinearCrossEntropy): its
+    loss and gradients, over several chunks and with ignored targets (-1), are those of
+    F.cross_entropy on the whole logits, in float32 and in bfloat16 autocast (the same bfloat16
+    logits, the softmax in float32)."""
+    import torch.nn.functional as F
+
+    from model import linear_cross_entropy
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, requires_grad=True)
+    weight = (torch.randn(100, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, 100, (37,))
+    targets[[3, 20, 21]] = -1
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        ours = linear_cross_entropy(x, weight, targets, chunk=10)
+        logits = x @ weight.t()
+    theirs = F.cross_entropy(logits.float(), targets, ignore_index=-1)
+    grads = torch.autograd.grad(ours * 3, (x, weight))  # a scaled loss scales the gradients
+    expected = torch.autograd.grad(theirs * 3, (x, weight))
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, theirs, **tol)
+    for g, e in zip(grads, expected):
+        assert g.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(g, e, **tol)
+    with torch.no_grad():  # evaluation: the same loss, no gradients made
+        assert linear_cross_entropy(x, weight, targets, chunk=10).item() == pytest.approx(ours.item(), rel=1e-2 if autocast else 1e-6)

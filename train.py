@@ -29,7 +29,8 @@ import checkpoint
 from checkpoint import CheckpointError, RunState
 from data import DataError, load_splits
 from model import GPT, GPTConfig
-from runtime import Progress, collective_failure, fit_micro_batch, out_of_memory, setup_runtime
+from runtime import (Progress, collective_failure, fit_micro_batch, keep_freed_memory, out_of_memory,
+                     pick_cpu_precision, pick_device, setup_runtime)
 
 class TrainError(Exception):
     """Bad input or a failed run: reported as one line `error: ...` with exit status 1."""
@@ -40,6 +41,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 # ---- arguments ----
+
+# Two recipes for the optimization flags. gpu: nanoGPT's, big steps that keep a GPU busy. cpu: the
+# one that reached the target in the fewest tokens in logs/recipe.md, since a CPU's cost is its
+# tokens: small steps, Muon for the matrices inside the blocks, no weight decay. Flags given win.
+PRESETS = {
+    'gpu': dict(total_batch_tokens=65536, optimizer='adamw', lr=6e-4, warmup_steps=100,
+                max_steps=5000, weight_decay=0.1),
+    'cpu': dict(total_batch_tokens=4096, optimizer='muon', lr=1e-3, muon_lr=5e-3, warmup_steps=20,
+                max_steps=900, weight_decay=0.0),
+}
+PRESET_HELP = {'auto': 'cpu on a CPU, else gpu',
+               **{k: ', '.join(f'{n}={v}' for n, v in p.items()) for k, p in PRESETS.items()}}
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -60,29 +73,32 @@ def build_parser():
     a('--n-embd', type=int, default=768)
     a('--block-size', type=int, default=1024, help='context length T')
     a('--dropout', type=float, default=0.0)
-    a = p.add_argument_group('optimization (tunable; the defaults are nanoGPT-like)').add_argument
-    a('--batch-size', type=int, help='micro-batch: sequences per process per forward (None: 16; '
-      'on a CPU or Apple GPU, fewer if 16 would not fit in the free memory)')
-    a('--total-batch-tokens', type=int, default=65536, help='tokens per optimizer step; gradient '
-      'accumulation fills it (a multiple of batch-size x block-size x processes)')
-    a('--optimizer', default='adamw', choices=['adamw', 'muon'], help='muon: torch.optim.Muon '
-      '(torch >= 2.9) for the 2-D weights inside the blocks, AdamW for embeddings, biases and '
-      'LayerNorm gains')
-    a('--lr', type=float, default=6e-4, help='peak learning rate (AdamW)')
-    a('--muon-lr', type=float, default=None, help="peak learning rate of Muon (None: --lr; "
-      "Muon's 'match_rms_adamw' scaling makes AdamW's rates fit)")
+    a = p.add_argument_group('optimization (None: the preset\'s value)').add_argument
+    a('--preset', default='auto', choices=['auto', *PRESETS], help='the defaults of the flags '
+      'below marked None: ' + '; '.join(f'{k}: {v}' for k, v in PRESET_HELP.items()))
+    a('--batch-size', type=int, help='micro-batch: sequences per process per forward (None: 16 or '
+      'fewer to fit a step; on a CPU or Apple GPU, fewer if 16 would not fit in the free memory)')
+    a('--total-batch-tokens', type=int, help='tokens per optimizer step; gradient accumulation '
+      'fills it (a multiple of batch-size x block-size x processes)')
+    a('--optimizer', choices=['adamw', 'muon'], help='muon: torch.optim.Muon (torch >= 2.9) for '
+      'the 2-D weights inside the blocks, AdamW for embeddings, biases and LayerNorm gains')
+    a('--lr', type=float, help='peak learning rate (AdamW)')
+    a('--muon-lr', type=float, default=None, help="peak learning rate of Muon (None: the preset's, "
+      "else --lr; Muon's 'match_rms_adamw' scaling makes AdamW's rates fit)")
     a('--min-lr', type=float, help='learning rate at the end of the decay (None: lr / 10)')
-    a('--warmup-steps', type=int, default=100, help='linear warmup steps')
-    a('--max-steps', type=int, default=5000, help='stop here if the target was not reached earlier')
+    a('--warmup-steps', type=int, help='linear warmup steps')
+    a('--max-steps', type=int, help='stop here if the target was not reached earlier')
     a('--lr-decay-steps', type=int, default=None, help='cosine decay ends here (None: '
       '--max-steps); keep it fixed when a run is split by --resume')
-    a('--weight-decay', type=float, default=0.1)
+    a('--weight-decay', type=float)
     a('--grad-clip', type=float, default=1.0, help='clip the gradient norm to this (0: none)')
     a('--seed', type=int, default=1337)
     a = p.add_argument_group('target, evaluation and checkpoints').add_argument
     a('--target-loss', type=float, default=0.099999, help='stop when the whole-text loss is below')
-    a('--target-cooldown', type=int, default=10, help='after a whole-text evaluation that missed '
-      'the target, train this many steps before the next')
+    a('--target-cooldown', type=int, default=None, help='after a whole-text evaluation that '
+      'missed the target, train this many steps before the next (None: half a pass over the text, '
+      'so that the evaluations, each a forward pass over all of it, cost at most a fraction of the '
+      'training)')
     a('--eval-interval', type=int, default=0, help='log the whole-text and validation loss every N '
       'steps (0: never)')
     a('--checkpoint-interval', type=int, default=500,
@@ -92,8 +108,10 @@ def build_parser():
     a('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     a('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'],
       help='autocast dtype; auto: bfloat16 on GPUs that have it, float16 with a GradScaler on '
-      'older ones (T4), float32 on CPU and MPS')
-    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (None: CUDA only)')
+      'older ones (T4), float32 on MPS; on a CPU whichever of float32 and bfloat16 a timed step '
+      'before step 0 finds faster')
+    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (None: on CUDA; on '
+      'a CPU when the run would take 30 min or more uncompiled and a C++ compiler is found)')
     a('--compile-mode', default='model', choices=['model', 'blocks'], help='model: the whole '
       'model; blocks: each block (one compile reused by all: starts faster, steps slower)')
     a('--ddp-timeout', type=float, default=1800, help='seconds a process waits for the others '
@@ -121,6 +139,14 @@ def parse_args(argv):
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
         args.resume = path
+    if args.preset == 'auto':  # a recipe for the device (a resumed run has its own saved)
+        try:
+            args.preset = 'cpu' if pick_device(args.device) == 'cpu' else 'gpu'
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'total_batch_tokens',
                  'max_steps'):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -266,7 +292,8 @@ def train(argv, t_start):
     muon_lr = None
     if args.optimizer == 'muon':
         muon_lr = args.lr if args.muon_lr is None else args.muon_lr
-    B, T, world = args.batch_size or 16, args.block_size, rt.world
+    T, world = args.block_size, rt.world
+    B = args.batch_size or max(1, min(16, args.total_batch_tokens // (T * world)))
     if args.total_batch_tokens % (B * T * world):
         raise TrainError(f'--total-batch-tokens {args.total_batch_tokens} is not a multiple of '
                          f'batch-size x block-size x processes = {B} x {T} x {world} = '
@@ -287,10 +314,20 @@ def train(argv, t_start):
     # ---- model and optimizer ----
     raw_model, optimizers, peak_lrs, run = make_model(args, rt, resumed, scaler, muon_lr,
                                                       train_windows.n)
-    notice = None
+    notices = []
+    if rt.device_type == 'cpu' and (args.dtype == 'auto' or args.compile is None):
+        rt, line = pick_cpu_precision(args, rt, raw_model, train_windows)
+        ctx = rt.autocast
+        notices.append(line)
     if args.batch_size is None and rt.device_type != 'cuda':
         B, notice = fit_micro_batch(args, rt, raw_model, train_windows, B)
+        notices += [notice] if notice else []
+    if rt.device_type == 'cpu':  # after the measurements above, which read the memory a step takes
+        keep_freed_memory()
     args.batch_size, grad_accum = B, args.total_batch_tokens // (B * T * world)
+    cooldown = args.target_cooldown
+    if cooldown is None:  # half the steps of a pass over the training windows
+        cooldown = max(1, math.ceil(train_windows.n * T / args.total_batch_tokens / 2))
     if rt.rank:
         torch.manual_seed(args.seed + rt.rank + 7919 * run.step)  # its own dropout masks
     model = compile_and_wrap(raw_model, args, rt)
@@ -300,7 +337,7 @@ def train(argv, t_start):
     log.header(argv, vars(args), raw_model, commit, rt, f'{data_line} | step: '
                f'{args.total_batch_tokens:,} tokens = {B} x {T} x {grad_accum} micro-steps x '
                f'{world} process(es)')
-    if notice:
+    for notice in notices:
         log(notice)
     if resumed:
         log(f'resumed from {args.resume} at step {run.step} ({run.tokens_seen:,} tokens seen)')
@@ -387,7 +424,7 @@ def train(argv, t_start):
                 row['whole_loss'] = whole_loss
                 log(f'whole-text loss after step {step}: {whole_loss:.6f} (target '
                     f'{args.target_loss})')
-            next_target_eval = step + args.target_cooldown
+            next_target_eval = step + cooldown
         stopping = stop or (not rt.ddp and halt())  # DDP processes only act on the agreed stop
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and not stopping:
             if whole_loss is None:
