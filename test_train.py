@@ -554,24 +554,30 @@ def limit_memory(megabytes):
     return limit
 
 
-BIG_LOGITS = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '256', '--total-batch-tokens',
-              str(16 * 256), '--device', 'cpu', '--samples', '0', '--data-tokens', '20000', '--max-steps', '1']
+# 16 sequences a micro-step: over 1 GB for activations and the loss's chunk of logits (BIG_STEP), or for
+# the chunks of logits that one sequence's loss needs each (FIT_STEP, which trains at micro-batch 1)
+BIG_STEP = ['--n-layer', '2', '--n-head', '2', '--n-embd', '256', '--block-size', '1024', '--total-batch-tokens',
+            str(16 * 1024), '--device', 'cpu', '--dtype', 'float32', '--samples', '0', '--data-tokens', '40000',
+            '--max-steps', '1']
+FIT_STEP = ['--n-layer', '2', '--n-head', '2', '--n-embd', '128', '--block-size', '512', '--total-batch-tokens',
+            str(16 * 512), '--device', 'cpu', '--dtype', 'float32', '--samples', '0', '--data-tokens', '20000',
+            '--max-steps', '1']
 
 
 @pytest.mark.timeout(300)
 def test_on_a_cpu_the_micro_batch_fits_the_free_memory_and_a_notice_says_so(data, tmp_path):
-    """With 1 GiB for its data, a model whose 16-sequence micro-batch needs over 3 GB of logits and
-    their gradients: train.py measures one sequence, picks a micro-batch that fits (accumulation keeps
-    the 4,096 tokens per step), says so before step 0, and trains."""
+    """With 1 GiB for its data, a model whose 16-sequence micro-batch would need over 1 GB by what one
+    sequence takes: train.py measures one sequence, picks a micro-batch that fits (accumulation keeps
+    the 8,192 tokens per step), says so before step 0, and trains."""
     out = tmp_path / 'run'
-    p = train_process(*BIG_LOGITS, '--data', data, '--out-dir', str(out), preexec_fn=limit_memory(1024))
+    p = train_process(*FIT_STEP, '--data', data, '--out-dir', str(out), preexec_fn=limit_memory(1024))
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-3000:]
     log = (out / 'train.log').read_text()
     notice = next(line for line in log.splitlines() if line.startswith('notice: '))
     B = int(re.search(r'micro-batch (\d+) \(about \S+ GB of the \S+ GB free\)', notice).group(1))
     assert B < 16 and 'python train.py --n-layer 4' in notice  # the walk-through to try first
-    assert f'step: 4,096 tokens = {B} x 256 x {16 // B} micro-steps' in log
+    assert f'step: 8,192 tokens = {B} x 512 x {16 // B} micro-steps' in log
     assert json.loads(log.splitlines()[4].removeprefix('config: '))['batch_size'] == B
     assert log.index('notice: ') < log.index('step 0 |')
 
@@ -599,7 +605,7 @@ def test_on_a_cpu_a_micro_step_takes_at_most_about_10_s(data, monkeypatch, secon
 def test_out_of_memory_is_one_line_naming_the_batch_size(data, tmp_path):
     """The same, with --batch-size 16 asked for: the allocation fails (a real one, refused by the
     kernel) and train.py says what to do in one line."""
-    p = train_process(*BIG_LOGITS, '--batch-size', '16', '--data', data, '--out-dir', str(tmp_path / 'run'),
+    p = train_process(*BIG_STEP, '--batch-size', '16', '--data', data, '--out-dir', str(tmp_path / 'run'),
                       preexec_fn=limit_memory(1024))
     _, err = p.communicate(timeout=240)
     assert p.returncode == 1 and len(err.splitlines()) == 1, err[-3000:]

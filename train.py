@@ -29,8 +29,8 @@ import checkpoint
 from checkpoint import CheckpointError, RunState
 from data import DataError, load_splits
 from model import GPT, GPTConfig
-from runtime import (Progress, collective_failure, fit_micro_batch, keep_freed_memory, out_of_memory,
-                     pick_cpu_precision, pick_device, setup_runtime)
+from runtime import (Progress, collective_failure, fit_micro_batch, free_memory, keep_freed_memory,
+                     out_of_memory, peak_memory, pick_cpu_precision, pick_device, setup_runtime)
 
 class TrainError(Exception):
     """Bad input or a failed run: reported as one line `error: ...` with exit status 1."""
@@ -322,7 +322,10 @@ def train(argv, t_start):
     if args.batch_size is None and rt.device_type != 'cuda':
         B, notice = fit_micro_batch(args, rt, raw_model, train_windows, B)
         notices += [notice] if notice else []
-    if rt.device_type == 'cpu':  # after the measurements above, which read the memory a step takes
+    free, peak = free_memory(), peak_memory()
+    if rt.device_type == 'cpu' and free and peak and free > 2 * peak:
+        # after the measurements above, which read the memory a step takes; only with room to spare,
+        # as a heap that never shrinks fragments: under 1 GiB its step's blocks stopped fitting
         keep_freed_memory()
     args.batch_size, grad_accum = B, args.total_batch_tokens // (B * T * world)
     cooldown = args.target_cooldown
