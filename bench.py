@@ -82,6 +82,19 @@ print(f'device: {label} | torch {torch.__version__} | dtypes {" ".join(args.dtyp
 for d, tflops in measured.items():
     print(f'measured {d} matmul (random data): {tflops:.2f} TFLOP/s; datasheet: {datasheet} TFLOP/s')
 
+def make_step(fwd, model, optimizer, x, y, ptdtype):
+    """One training step of the benchmark: forward, backward, clip, optimizer; returns the loss."""
+    def step():
+        with torch.autocast(device_type=device_type, dtype=ptdtype, enabled=ptdtype != torch.float32):
+            _, loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
 rows = []
 for dtype in args.dtype:
     ptdtype = getattr(torch, dtype)
@@ -107,14 +120,7 @@ for dtype in args.dtype:
             else:
                 peak_memory(reset=True)  # the process's resident peak from here (Linux)
 
-            def step():
-                with torch.autocast(device_type=device_type, dtype=ptdtype, enabled=ptdtype != torch.float32):
-                    _, loss = fwd(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss
+            step = make_step(fwd, model, optimizer, x, y, ptdtype)
 
             try:
                 t0 = time.perf_counter()
@@ -131,7 +137,9 @@ for dtype in args.dtype:
                 dt = (time.perf_counter() - t0) / args.steps
             except torch.OutOfMemoryError:
                 print(f'{dtype} compile={mode} B={B}: out of memory')
-                del model, optimizer, fwd
+                dt = None
+            if dt is None:
+                del model, optimizer, fwd, step
                 torch.cuda.empty_cache()
                 continue
             tps = B * T / dt
@@ -145,7 +153,7 @@ for dtype in args.dtype:
                        loss=loss.item())
             rows.append(row)
             print(json.dumps(row))
-            del model, optimizer, fwd
+            del model, optimizer, fwd, step
             if device_type == 'cuda':
                 torch.cuda.empty_cache()
 

@@ -3,6 +3,7 @@ pattern of train.log, a tiny checkpoint and run folder written through checkpoin
 trained through train.py, a network that refuses every connection, inference.py and train.py as
 processes, and `python app.py` on a free port."""
 import contextlib
+import functools
 import json
 import os
 import re
@@ -156,12 +157,12 @@ def read_only(folder):
     the folder is made immutable (chattr +i), which root obeys too."""
     if os.geteuid() != 0:
         os.chmod(folder, 0o555)
-        undo = lambda: os.chmod(folder, 0o755)
+        undo = functools.partial(os.chmod, folder, 0o755)
     else:
         r = subprocess.run(['chattr', '+i', str(folder)], capture_output=True, text=True)
         if r.returncode:
             pytest.skip(f'running as root, where only chattr +i makes a folder unwritable, and it failed: {r.stderr.strip()}')
-        undo = lambda: subprocess.run(['chattr', '-i', str(folder)], check=True)
+        undo = functools.partial(subprocess.run, ['chattr', '-i', str(folder)], check=True)
     try:
         yield
     finally:

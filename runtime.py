@@ -199,7 +199,7 @@ def setup_runtime(args):
         # Gloo's threads and sockets running into the interpreter's exit, the likely cause of a rank's
         # rare abort after a finished run ('terminate called without an active exception'). Imported
         # first, it holds none, and the group closes when train.main destroys it.
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo as _dynamo  # noqa: F401  (bound apart: a bare import would make torch local here)
         # the timeout bounds every collective: a process that hangs fails the run, not stalls it
         dist.init_process_group('nccl' if kind == 'cuda' else 'gloo',
                                 device_id=torch.device(device) if kind == 'cuda' else None,
