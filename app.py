@@ -203,6 +203,34 @@ def make_generate_fn(model, about, server=None):
         yield text, '; '.join([f'{tokens(n)} in {dt:.1f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {seed}'] + notes)
     return generate_text
 
+def make_tool_fn(generate_text):
+    """The tool an agent calls (over MCP, or gradio_client's /generate_shakespeare): the page's
+    generation, answered as plain text once done. Its name, docstring and type hints are what an MCP
+    client sees; its checks and limits are the page's, and it decodes in the same batch."""
+    def generate_shakespeare(prompt: str, max_new_tokens: int = 100, temperature: float = 0.7,
+                             top_k: int = 50, seed: int = -1) -> str:
+        """Continue a text in the manner of Shakespeare's plays, with GPT-2 (124M parameters) trained
+        from scratch on Tiny Shakespeare (40,000 lines of the plays). Give it the start of a scene, such
+        as a character's name and a colon ("ROMEO:"), and it writes on: speeches, names of speakers,
+        stage lines. It knows only this text; it is no assistant and answers no questions.
+
+        Args:
+            prompt: the text to continue, e.g. "ROMEO:" or a few lines of a scene; at most 4,000 characters (a longer one keeps its end). Empty: the model starts a fresh document.
+            max_new_tokens: how many tokens to add, 1 to 500 (more is capped at 500); a token is about three quarters of a word.
+            temperature: from 0 to 1. 0 always takes the likeliest token (the same text every time); 1 samples from the model as trained; 0.7 is a good default.
+            top_k: sample among the top_k likeliest tokens only; 0 for all of them.
+            seed: the random seed, from -1 to 2**63 - 1: the same seed and settings give the same text; -1 for a new one each call.
+
+        Returns:
+            The prompt followed by the text the model wrote.
+        """
+        text = prompt
+        for text, _ in generate_text(prompt, max_new_tokens, temperature, top_k, seed):
+            pass
+        return text
+    return generate_shakespeare
+
+
 # ---- the page ----
 
 def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS, compile=False):
@@ -246,8 +274,12 @@ def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS, compile=False
             gr.Examples(EXAMPLES, inputs=inputs, label='Openings from the play')
             # preprocess=False: every value reaches check_request as sent, which answers any bad one
             # (text for a number, 1.5 for a seed) with its own message instead of a server traceback
-            button.click(make_generate_fn(model, about, server), inputs, [output, status], api_name='generate',
-                         preprocess=False)
+            # the page's stream of (text, status) stays callable as /generate; the API's documented
+            # endpoint, and the MCP tool, is generate_shakespeare below
+            generate_text = make_generate_fn(model, about, server)
+            button.click(generate_text, inputs, [output, status], api_name='generate', preprocess=False,
+                         api_visibility='undocumented', concurrency_id='decode')
+        gr.api(make_tool_fn(generate_text), api_name='generate_shakespeare', concurrency_id='decode')
 
         with gr.Tab('Training run'):
             if metrics is None:
@@ -286,4 +318,5 @@ if __name__ == '__main__':
     if args.batch_rows < 1:
         parser.error('--batch-rows must be at least 1')
     demo = build_demo(args.checkpoint, announce=True, batch_rows=args.batch_rows, compile=args.compile)
-    demo.launch(server_name=args.host, server_port=args.port)
+    # the page, gradio_client's API, and an MCP server at /gradio_api/mcp/ for agents
+    demo.launch(server_name=args.host, server_port=args.port, mcp_server=True)

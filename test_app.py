@@ -135,14 +135,63 @@ def test_every_bad_value_gets_its_own_message_and_one_log_line(server, args, mes
 
 
 def test_the_api_is_named_and_typed(server):
-    """What README documents: /generate takes (prompt, max_new_tokens, temperature, top_k, seed) with
-    integers where integers are meant, and returns (text, status)."""
+    """What README documents: /generate_shakespeare takes (prompt, max_new_tokens, temperature, top_k,
+    seed) with integers where integers are meant and returns the text; the page's stream, /generate,
+    is callable (the tests above call it) but not documented, so it is no second MCP tool."""
     from gradio_client import Client
-    api = Client(server[0], verbose=False).view_api(return_format='dict', print_info=False)
-    endpoint = api['named_endpoints']['/generate']
+    client = Client(server[0], verbose=False)
+    api = client.view_api(return_format='dict', print_info=False)
+    assert list(api['named_endpoints']) == ['/generate_shakespeare']
+    endpoint = api['named_endpoints']['/generate_shakespeare']
     assert [(p['parameter_name'], p['python_type']['type']) for p in endpoint['parameters']] == [
         ('prompt', 'str'), ('max_new_tokens', 'int'), ('temperature', 'float'), ('top_k', 'int'), ('seed', 'int')]
-    assert [r['label'] for r in endpoint['returns']] == ['Text', 'Status']
+    text = client.predict('ROMEO:', 5, 0.0, 50, 1, api_name='/generate_shakespeare')
+    assert text == predict(client, 'ROMEO:', 5, 0.0, 50, 1)[0]  # the page's text, as one string
+
+
+def mcp_session(url, calls):
+    """Runs calls(session) against the app's MCP server with the official client over streamable
+    HTTP, as an agent's host would connect to a Space; returns what calls returns."""
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def run():
+        async with streamable_http_client(url + 'gradio_api/mcp/') as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                return await calls(session)
+    return asyncio.run(run())
+
+
+def test_an_agent_lists_the_tool_and_calls_it_over_mcp(server):
+    """`python app.py` is an MCP server: one tool, generate_shakespeare, whose description says what it
+    writes and whose every argument is described; a call answers plain text that starts from the
+    prompt, the same text the page makes; a bad argument is an error result with the page's one-line
+    reason, and the server answers the next call."""
+    from gradio_client import Client
+
+    async def calls(session):
+        tools = (await session.list_tools()).tools
+        args = dict(prompt='ROMEO:', max_new_tokens=8, temperature=0.0, top_k=50, seed=1)
+        good = await session.call_tool('generate_shakespeare', args)
+        bad = await session.call_tool('generate_shakespeare', {**args, 'temperature': 5})
+        again = await session.call_tool('generate_shakespeare', {**args, 'prompt': 'JULIET:'})
+        return tools, good, bad, again
+    tools, good, bad, again = mcp_session(server[0], calls)
+    assert [t.name for t in tools] == ['generate_shakespeare']
+    tool = tools[0]
+    assert 'Shakespeare' in tool.description and 'GPT-2' in tool.description
+    properties = tool.inputSchema['properties']
+    assert list(properties) == ['prompt', 'max_new_tokens', 'temperature', 'top_k', 'seed']
+    assert all(len(p.get('description', '')) > 20 for p in properties.values()), properties
+    assert properties['max_new_tokens']['type'] == 'integer' and properties['temperature']['type'] == 'number'
+    page_text = predict(Client(server[0], verbose=False), 'ROMEO:', 8, 0.0, 50, 1)[0]
+    assert not good.isError and [c.text for c in good.content] == [page_text]
+    assert bad.isError and len(bad.content) == 1
+    assert 'Temperature must be from 0 (always the likeliest token) to 1, got 5' in bad.content[0].text
+    assert not again.isError and again.content[0].text.startswith('JULIET:')
 
 
 def test_bad_parameters_get_a_clear_message(server):
@@ -237,6 +286,41 @@ def test_training_tab_plots_the_run(server):
     markdown = ' '.join(str(c['props'].get('value')) for c in config['components'] if c.get('type') == 'markdown')
     assert '30 steps, whole-text loss 2.2500 after step 29' in markdown and 'trained 30 steps' in markdown
     assert f'{GPT(TINY_CONFIG).num_params() / 1e6:.1f}M parameters, int8 weights' in markdown  # counted before int8
+
+
+def test_a_failed_step_costs_only_its_own_requests(tmp_path, monkeypatch):
+    """When a decoding step raises (out of memory, a bug), the requests in that step get the error and
+    the server goes on: the next request on the page and the next over MCP are answered as usual."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    import app
+    import batching
+    real_step, armed = batching.Batch.step, threading.Event()
+
+    def step(self):  # the first step after armed.set() fails as a real one might
+        if armed.is_set():
+            armed.clear()
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory (injected)")
+        return real_step(self)
+    monkeypatch.setattr(batching.Batch, 'step', step)
+    demo = app.build_demo(write_run(str(tmp_path / 'run')))
+    try:
+        _, url, _ = demo.launch(server_name='127.0.0.1', server_port=free_port(), prevent_thread_lock=True,
+                                quiet=True, mcp_server=True)
+        client = Client(url, verbose=False)
+        armed.set()
+        with pytest.raises(AppError):
+            predict(client, 'ROMEO:', 5, 0.7, 50, 1)
+        assert not armed.is_set()  # the failure was the one injected
+        text, status = predict(client, 'ROMEO:', 5, 0.7, 50, 1)
+        assert text.startswith('ROMEO:') and status.startswith('5 tokens in ')
+
+        async def calls(session):
+            return await session.call_tool('generate_shakespeare', dict(prompt='JULIET:', max_new_tokens=5))
+        answer = mcp_session(url, calls)
+        assert not answer.isError and answer.content[0].text.startswith('JULIET:')
+    finally:
+        demo.close()
 
 
 def test_no_checkpoint_gives_a_message_not_a_crash(tmp_path, monkeypatch):
