@@ -278,9 +278,11 @@ def pick_cpu_precision(args, rt, model, windows):
 # ---- a slow machine ----
 
 # a 7.2M-parameter model on the play's first 1,025 tokens: the whole pipeline in minutes on a CPU
+# (AdamW and float32 pinned: the same run on every CPU, whatever the cpu preset and --dtype auto pick)
 WALKTHROUGH = ('python train.py --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 '
                '--batch-size 8 --total-batch-tokens 1024 --data-tokens 1025 --lr 1e-2 '
-               '--warmup-steps 10 --max-steps 400 --device cpu')
+               '--warmup-steps 10 --max-steps 400 --optimizer adamw --weight-decay 0.1 --dtype float32 '
+               '--device cpu')
 
 
 # on a CPU, the longest a micro-step may take: a signal is answered between two of them, and a CPU

@@ -43,13 +43,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 # ---- arguments ----
 
 # Two recipes for the optimization flags. gpu: nanoGPT's, big steps that keep a GPU busy. cpu: the
-# one that reached the target in the fewest tokens in logs/recipe.md, since a CPU's cost is its
-# tokens: small steps, Muon for the matrices inside the blocks, no weight decay. Flags given win.
+# one that went fastest per token in logs/recipe.md, since a CPU's cost is its tokens: small steps,
+# Muon for the matrices inside the blocks. Flags given win.
 PRESETS = {
     'gpu': dict(total_batch_tokens=65536, optimizer='adamw', lr=6e-4, warmup_steps=100,
                 max_steps=5000, weight_decay=0.1),
-    'cpu': dict(total_batch_tokens=4096, optimizer='muon', lr=1e-3, muon_lr=5e-3, warmup_steps=20,
-                max_steps=900, weight_decay=0.0),
+    'cpu': dict(total_batch_tokens=4096, optimizer='muon', lr=1e-3, muon_lr=1e-3, warmup_steps=30,
+                max_steps=1200, weight_decay=0.1),
 }
 PRESET_HELP = {'auto': 'cpu on a CPU, else gpu',
                **{k: ', '.join(f'{n}={v}' for n, v in p.items()) for k, p in PRESETS.items()}}
@@ -96,9 +96,9 @@ def build_parser():
     a = p.add_argument_group('target, evaluation and checkpoints').add_argument
     a('--target-loss', type=float, default=0.099999, help='stop when the whole-text loss is below')
     a('--target-cooldown', type=int, default=None, help='after a whole-text evaluation that '
-      'missed the target, train this many steps before the next (None: half a pass over the text, '
-      'so that the evaluations, each a forward pass over all of it, cost at most a fraction of the '
-      'training)')
+      'missed the target, train this many steps before the next (None: half a pass over the text '
+      'and at least 10, so that the evaluations, each a forward pass over all of it, cost a '
+      'fraction of the training)')
     a('--eval-interval', type=int, default=0, help='log the whole-text and validation loss every N '
       'steps (0: never)')
     a('--checkpoint-interval', type=int, default=500,
@@ -329,8 +329,8 @@ def train(argv, t_start):
         keep_freed_memory()
     args.batch_size, grad_accum = B, args.total_batch_tokens // (B * T * world)
     cooldown = args.target_cooldown
-    if cooldown is None:  # half the steps of a pass over the training windows
-        cooldown = max(1, math.ceil(train_windows.n * T / args.total_batch_tokens / 2))
+    if cooldown is None:  # half the steps of a pass over the training windows, at least 10
+        cooldown = max(10, math.ceil(train_windows.n * T / args.total_batch_tokens / 2))
     if rt.rank:
         torch.manual_seed(args.seed + rt.rank + 7919 * run.step)  # its own dropout masks
     model = compile_and_wrap(raw_model, args, rt)
