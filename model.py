@@ -133,9 +133,9 @@ class Block(nn.Module):
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight.T against targets (-1: no target), without the
     (N, vocab) logits ever made whole: a chunk of rows at a time, the forward pass computes the loss
-    and both gradients, and backward only scales them. On a CPU this is the one loss path: the
-    float32 logits, their log-softmax and its backward cost a step more than all its other matmuls
-    (logs/cpu_training.md)."""
+    and both gradients, and backward only scales them. GPT.head takes it on a CPU under autocast,
+    where the float32 logits, their log-softmax and its backward cost a step more than all its other
+    matmuls (logs/cpu_training.md)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, chunk, grads):
@@ -244,8 +244,11 @@ class GPT(nn.Module):
         """Final LayerNorm, logits (B, T, C) -> (B, T, vocab_size) and the loss against targets. A
         method of its own so that train.py can compile it apart from the blocks."""
         x = self.transformer.ln_f(x)
-        if targets is not None and x.device.type == 'cpu':
-            # the (B, T, vocab) logits are never made whole: see LinearCrossEntropy
+        chunked = torch.is_autocast_enabled('cpu') or not torch.is_grad_enabled()
+        if targets is not None and x.device.type == 'cpu' and chunked:
+            # the (B, T, vocab) logits are never made whole: see LinearCrossEntropy. In training only
+            # under autocast, where it pays most: float32 training keeps F.cross_entropy's sums to the
+            # bit. An evaluation (no gradients) always: B x T x vocab float32 logits are GBs
             return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)
         if targets is None:

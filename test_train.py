@@ -612,3 +612,52 @@ def test_out_of_memory_is_one_line_naming_the_batch_size(data, tmp_path):
     assert re.fullmatch(r"error: out of memory \(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                         r"\d+ bytes\): give a smaller --batch-size; gradient accumulation keeps the tokens per "
                         r"step\n", err), err
+
+
+def test_the_preset_follows_the_device_and_flags_given_win():
+    """--preset auto is cpu on a CPU (Muon, 4,096-token steps) and gpu elsewhere (nanoGPT's AdamW);
+    a flag given on the command line wins over either, and the resolved values are what the run saves
+    (so a resumed run keeps them on any device)."""
+    args, _ = train.parse_args(['--device', 'cpu'])
+    assert args.preset == 'cpu'
+    assert {k: getattr(args, k) for k in train.PRESETS['cpu']} == train.PRESETS['cpu']
+    args, _ = train.parse_args(['--device', 'cpu', '--preset', 'gpu', '--lr', '3e-4'])
+    assert (args.optimizer, args.total_batch_tokens, args.lr) == ('adamw', 65536, 3e-4)
+    args, _ = train.parse_args(['--device', 'cpu', '--optimizer', 'adamw', '--weight-decay', '0'])
+    assert (args.preset, args.optimizer, args.weight_decay, args.total_batch_tokens) == ('cpu', 'adamw', 0.0, 4096)
+
+
+@pytest.mark.parametrize('times, max_steps, dtype, compiled', [
+    ({'float32': 3.7, 'bfloat16': 1.8}, 1200, 'bfloat16', True),    # AMX: bfloat16, a run of hours
+    ({'float32': 3.0, 'bfloat16': 3.2}, 1200, 'float32', True),     # no native bfloat16: float32
+    ({'float32': 0.02, 'bfloat16': 0.03}, 400, 'float32', False),   # the walk-through: minutes
+])
+def test_on_a_cpu_the_faster_dtype_trains_and_a_long_run_compiles(data, monkeypatch, times, max_steps, dtype,
+                                                                   compiled):
+    """--dtype auto on a CPU times one sequence in float32 and in bfloat16 (each the second of two
+    tries) and takes the faster; an unset --compile compiles when the run would take 30 min or more at
+    that speed. The line for the log gives the figures, and args keep the choice for a resume."""
+    calls = []
+
+    def measure(model, x, y, ctx):
+        calls.append('float32' if isinstance(ctx, contextlib.nullcontext) else 'bfloat16')
+        return times[calls[-1]], 0
+    monkeypatch.setattr(runtime, 'measure_micro_step', measure)
+    monkeypatch.setattr(runtime, 'cpp_compiler', lambda: '/usr/bin/g++')
+    args, _ = train.parse_args(['--device', 'cpu', '--max-steps', str(max_steps)])
+    rt = runtime.Runtime(False, 0, 0, 1, 'cpu', 'cpu', 'float32', contextlib.nullcontext(), False, True)
+    windows = data_module.Windows(data_module.load_tokens(data)[:3000], 1024, 'cpu')
+    model = GPT(GPTConfig(block_size=1024, n_layer=1, n_head=1, n_embd=8))
+    rt, line = runtime.pick_cpu_precision(args, rt, model, windows)
+    assert calls == ['float32', 'float32', 'bfloat16', 'bfloat16']
+    assert (rt.dtype, rt.compile, args.dtype, args.compile) == (dtype, compiled, dtype, compiled)
+    assert isinstance(rt.autocast, contextlib.nullcontext) == (dtype == 'float32')
+    assert line.startswith(f'CPU precision: {dtype} (one sequence forward and backward: float32 '
+                           f'{times["float32"]:.2f} s, bfloat16 {times["bfloat16"]:.2f} s); compile: '
+                           f'{"on" if compiled else "off"} ({max_steps} steps take about ')
+    # given flags are kept: no bfloat16 timing for --dtype float32, no compile decision for --no-compile
+    calls.clear()
+    args, _ = train.parse_args(['--device', 'cpu', '--dtype', 'float32', '--no-compile'])
+    rt, line = runtime.pick_cpu_precision(args, rt._replace(compile=False), model, windows)
+    assert calls == ['float32', 'float32'] and (rt.dtype, rt.compile) == ('float32', False)
+    assert 'compile' not in line
