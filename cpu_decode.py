@@ -10,7 +10,7 @@ how close it comes, beside llama.cpp on the same weights):
   multiplies int8 by int8 in torch._int_mm (in fbgemm's kernel for the head, which reads it faster);
   a long prompt, which is arithmetic-bound, goes through a matmul on the dequantized weights, in bf16
   where the CPU has bf16 instructions. 'int4' reads about a sixth (4 bits, and a scale and an offset
-  per 32 weights), at a cost in accuracy that README gives.
+  per 32 weights), at a cost in accuracy that docs/cpu-generation.md gives.
 - CompiledDecoder runs the step of one new token per row as a single torch.compile graph: in eager
   mode the small ops between the matmuls (LayerNorm, the activations' quantization, GELU, bias adds,
   attention over the cache) cost a quarter of a token's time; compiled, they fuse into a few loops
@@ -39,7 +39,7 @@ from data import GPT2_VOCAB_SIZE
 # A decoding step streams every weight from memory, 4 KB page after 4 KB page: with THP_MEM_ALLOC_ENABLE
 # set, torch's CPU allocator asks Linux for transparent huge pages (2 MB) for every tensor of 2 MB or
 # more, so that the CPU's address translation keeps up (where /sys/kernel/mm/transparent_hugepage/enabled
-# allows it: madvise or always). Decoding ran 6 to 8% faster here (README). torch reads the variable
+# allows it: madvise or always). Decoding ran 6 to 8% faster here (docs/cpu-generation.md). torch reads the variable
 # once, at its first allocation: importing this module before any tensor exists, as inference.py and
 # app.py do, is early enough (test_inference.py checks). The variable is then taken back, so that this
 # process's children (a training run that a test starts, say) choose for themselves; set to 0
@@ -96,7 +96,7 @@ class Int8Linear(QuantizedLinear):
     """int8 weights with one scale per output row: w ~ w_int8 * scale. A decoding step quantizes its
     activations too, each row to int8 with a scale of its own, and multiplies int8 by int8 with int32
     sums (VNNI where the CPU has it), as llama.cpp's Q8_0 does with its blocks: 17% faster than the
-    bf16-activation kernel here, at a cost README gives. The kernel is torch._int_mm or, with
+    bf16-activation kernel here, at a cost docs/cpu-generation.md gives. The kernel is torch._int_mm or, with
     fbgemm=True (the head), fbgemm's where torch has it: the same int32 sums and float32 outputs."""
 
     def __init__(self, linear, fbgemm=False):

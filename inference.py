@@ -14,7 +14,7 @@ generation is written once.
 
 Speed on a CPU: --precision int8 (the default on CPU) or int4 keeps the weights quantized, and
 --compile (the default for int8 on CPU, for models of 50M parameters or more) decodes through one
-compiled graph (cpu_decode.py has both; README gives what each costs and gains, measured beside
+compiled graph (cpu_decode.py has both; docs/cpu-generation.md gives what each costs and gains, measured beside
 llama.cpp). A preallocated KV cache (model.py) makes each new token cost one position, and the
 vocabulary projection runs on the last position only.
 """
@@ -256,12 +256,12 @@ def main(argv=None):
     parser.add_argument('--no-cache', action='store_true', help='recompute the whole context for every token (slow; for checking)')
     parser.add_argument('--precision', choices=['auto', *PRECISIONS], default='auto',
                         help='weights for generation: int8 or int4 (weight-only, CPU; int4 is faster and less exact: '
-                             'README has its measured cost) or float32; auto: int8 on CPU, float32 elsewhere')
+                             'docs/cpu-generation.md has its measured cost) or float32; auto: int8 on CPU, float32 elsewhere')
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                         help='decode through one compiled graph (cpu_decode.py), about twice as fast a token as eager '
                              'int8; int8\'s is compiled once per model (about 70 s for GPT-2 124M) into a package that '
                              'later runs load. Default: on for int8 on the CPU for models of 50M parameters or more, '
-                             'off otherwise; README has the figures')
+                             'off otherwise; docs/cpu-generation.md has the figures')
     parser.add_argument('--device', default='auto', help='auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--export', metavar='PATH', default=None,
