@@ -447,7 +447,7 @@ def wait_for(condition, proc, timeout=180):
 # steps of 240 micro-steps of 2 x 128 tokens: over 10 s on a 2-core CPU, so that their progress shows
 SLOW_STEP = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '128', '--batch-size', '2',
              '--total-batch-tokens', str(240 * 2 * 128), '--device', 'cpu', '--samples', '0', '--data-tokens', '20000',
-             '--max-steps', '1000', '--checkpoint-interval', '1']
+             '--max-steps', '1000', '--checkpoint-interval', '1', '--preset', 'gpu', '--dtype', 'float32', '--no-compile']
 
 
 def interrupt_a_long_step(out, *argv):
