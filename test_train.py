@@ -661,3 +661,30 @@ def test_on_a_cpu_the_faster_dtype_trains_and_a_long_run_compiles(data, monkeypa
     rt, line = runtime.pick_cpu_precision(args, rt._replace(compile=False), model, windows)
     assert calls == ['float32', 'float32'] and (rt.dtype, rt.compile) == ('float32', False)
     assert 'compile' not in line
+
+
+@pytest.mark.parametrize('at_step', [0, 1])
+def test_ctrl_c_that_kills_the_compiler_is_a_stop_not_a_traceback(data, tmp_path, monkeypatch, at_step):
+    """A terminal's Ctrl-C goes to the whole process group, so it also kills the g++ that torch.compile
+    runs on a CPU, and the step fails with a compile error. train.py takes that step as stopped by the
+    signal: in step 0 nothing is saved and the log says so; later, the checkpoint after the last
+    whole step is written and the run exits 130."""
+    real = train.train_step
+    calls = []
+
+    def train_step(*args):
+        calls.append(1)
+        if len(calls) == at_step + 1:
+            os.kill(os.getpid(), signal.SIGINT)  # what the terminal does ...
+            raise RuntimeError('CppCompileError: C++ compile error')  # ... and what the killed g++ leaves
+        return real(*args)
+    monkeypatch.setattr(train, 'train_step', train_step)
+    out = tmp_path / 'run'
+    assert train.main([*TINY, '--data', data, '--max-steps', '5', '--out-dir', str(out)]) == 128 + signal.SIGINT
+    last = (out / 'train.log').read_text().splitlines()[-1]
+    if at_step == 0:
+        assert last == 'stopped by a signal during step 0: nothing was trained, so no checkpoint was written'
+        assert not (out / 'ckpt.pt').exists()
+    else:
+        assert last.startswith('stopped by a signal during step 1; checkpoint after 1 steps: ')
+        assert checkpoint.load_training(str(out / 'ckpt.pt')).run.step == 1

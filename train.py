@@ -386,8 +386,17 @@ def train(argv, t_start):
         # what to save if this step is cut short: only dropout draws random numbers in a step
         rng = checkpoint.rng_state() if args.dropout and not rt.ddp else None
         progress = Progress(f'step {step}: micro-step', grad_accum, rt.master)
-        result = train_step(model, params, optimizers, scaler, batches, args.grad_clip, ctx, rt.ddp,
-                            halt, progress)
+        try:
+            result = train_step(model, params, optimizers, scaler, batches, args.grad_clip, ctx, rt.ddp,
+                                halt, progress)
+        except Exception:
+            if not signals or rt.ddp:
+                raise
+            # a terminal's Ctrl-C reaches the whole process group: a compiler it killed (torch.compile
+            # runs g++ on a CPU) fails the step, which is then a step stopped by the signal
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            result = None
         progress.close()
         if result is None and run.step == 0:  # not one whole step: nothing worth a checkpoint
             log('stopped by a signal during step 0: nothing was trained, so no checkpoint was '
