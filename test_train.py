@@ -688,3 +688,13 @@ def test_ctrl_c_that_kills_the_compiler_is_a_stop_not_a_traceback(data, tmp_path
     else:
         assert last.startswith('stopped by a signal during step 1; checkpoint after 1 steps: ')
         assert checkpoint.load_training(str(out / 'ckpt.pt')).run.step == 1
+
+
+def test_without_muon_the_cpu_preset_says_what_to_do(monkeypatch):
+    """torch before 2.9 has no torch.optim.Muon, which the cpu preset uses: one line that says so and
+    names the way out, not a traceback at the optimizer."""
+    monkeypatch.delattr(torch.optim, 'Muon')
+    with pytest.raises(train.TrainError, match=r"the cpu preset's, unless given\) needs torch >= 2.9 .* give "
+                                               r"--optimizer adamw"):
+        train.parse_args(['--device', 'cpu'])
+    assert train.parse_args(['--device', 'cpu', '--optimizer', 'adamw'])[0].optimizer == 'adamw'

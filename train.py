@@ -156,8 +156,9 @@ def parse_args(argv):
     if not 0 <= args.val_fraction < 1:
         raise TrainError('--val-fraction must be in [0, 1)')
     if args.optimizer == 'muon' and not hasattr(torch.optim, 'Muon'):
-        raise TrainError(f'--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch '
-                         f'{torch.__version__}')
+        raise TrainError(f'--optimizer muon (the {args.preset} preset\'s, unless given) needs torch >= 2.9 '
+                         f'(torch.optim.Muon); this is torch {torch.__version__}: upgrade it, or give '
+                         f'--optimizer adamw')
     return args, resumed
 
 
