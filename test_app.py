@@ -288,6 +288,7 @@ def test_training_tab_plots_the_run(server):
     assert f'{GPT(TINY_CONFIG).num_params() / 1e6:.1f}M parameters, int8 weights' in markdown  # counted before int8
 
 
+@pytest.mark.slow  # a second app of its own, with an MCP server: about a minute
 def test_a_failed_step_costs_only_its_own_requests(tmp_path, monkeypatch):
     """When a decoding step raises (out of memory, a bug), the requests in that step get the error and
     the server goes on: the next request on the page and the next over MCP are answered as usual."""
