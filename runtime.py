@@ -55,7 +55,8 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     if kind == 'mps':
         return 'Apple MPS'
-    return f'CPU {cpu_model()} ({os.cpu_count()} cores{", " if cpu_bf16() else ""}{cpu_bf16()})'
+    bf16 = cpu_bf16()
+    return f'CPU {cpu_model()} ({os.cpu_count()} cores{", " + bf16 if bf16 else ""})'
 
 
 def _cpuinfo(field):
