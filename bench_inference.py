@@ -60,6 +60,10 @@ parser.add_argument('--quality-tokens', type=int, default=16384,
                     help='at most this many tokens of the trained model\'s text to judge on (default: 16384)')
 parser.add_argument('--llama-cpp', nargs='*', default=['Q8_0', 'Q4_0'], choices=['Q8_0', 'Q4_0'],
                     help='llama.cpp file types to time beside ours, if llama-cpp-python is installed (none: skip it)')
+parser.add_argument('--llama-cpp-extra-buffers', action=argparse.BooleanOptionalAction, default=True,
+                    help="llama.cpp's extra buffer types, its AMX kernels on CPUs with AMX_INT8 and its repacked "
+                    "weights (llama.cpp's default); --no-llama-cpp-extra-buffers: its plain CPU kernels (its AMX "
+                    "path segfaults on narrow models such as the tests' 64-wide one)")
 parser.add_argument('--n-layer', type=int, default=12, help='model size (default: GPT-2 124M)')
 parser.add_argument('--n-head', type=int, default=12)
 parser.add_argument('--n-embd', type=int, default=768)
@@ -217,16 +221,22 @@ def llama_cpp_sides(model, workdir):
         params.ftype, params.nthread = getattr(llama_cpp, f'LLAMA_FTYPE_MOSTLY_{kind}'), torch.get_num_threads()
         if llama_cpp.llama_model_quantize(f32.encode(), path.encode(), ctypes.byref(params)):
             raise SystemExit(f'error: llama.cpp could not quantize {f32} to {kind}')
-        llm = llama_cpp.Llama(model_path=path, n_ctx=model.config.block_size, n_batch=512,
-                              n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
-                              verbose=False)
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = args.llama_cpp_extra_buffers
+        llama_model = llama_cpp.llama_model_load_from_file(path.encode(), model_params)
+        context_params = llama_cpp.llama_context_default_params()
+        context_params.n_ctx, context_params.n_batch = model.config.block_size, 512
+        context_params.n_threads = context_params.n_threads_batch = torch.get_num_threads()
+        ctx = llama_cpp.llama_init_from_model(llama_model, context_params)
+        if not llama_model or not ctx:
+            raise SystemExit(f'error: llama.cpp could not load {path}')
         reader = __import__('gguf').GGUFReader(path)
         weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != 'position_embd.weight')
-        vocab = llm.n_vocab()
+        vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_model))
 
-        def run(prompt, llm=llm, vocab=vocab):
+        def run(prompt, ctx=ctx, vocab=vocab):
             """(first-token seconds, decode tokens/s, new tokens) of one llama.cpp call."""
-            ctx, t = llm.ctx, []
+            t = []
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
             generator = torch.Generator().manual_seed(1)
             tokens = (llama_cpp.llama_token * len(prompt))(*prompt)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -39,7 +40,20 @@ def llama_cpp():
 
 
 def llama(path, n_ctx):
-    return llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
+    """llama.cpp on path with its plain CPU kernels. Its extra buffer types (the AMX kernels on CPUs with
+    AMX_INT8, and repacked weights), on by default, segfault in the first decode of this tiny model's Q8_0
+    file (llama-cpp-python 0.3.36 on an Intel Xeon with AMX; llama.cpp's issue 20824 reports a crash in
+    ggml_backend_amx_mul_mat), and what these tests check is our file, not those kernels. Llama() has no
+    argument for it, so its default model parameters are wrapped while it loads."""
+    lib = llama_cpp()
+    defaults = lib.llama_cpp.llama_model_default_params
+
+    def plain_kernels():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    with mock.patch.object(lib.llama_cpp, 'llama_model_default_params', plain_kernels):
+        return lib.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
 
 
 def greedy(llm, ids, n):
