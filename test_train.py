@@ -355,17 +355,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(data, tmp_path):
     assert checkpoint.load_training(str(out / 'ckpt.pt')).run.step == last + 1
 
 
-def test_float16_with_grad_scaler_trains_and_resumes(data, tmp_path):
+def test_float16_with_a_moved_loss_scale_resumes_step_for_step(data, tmp_path, monkeypatch):
     """The path a T4 takes (no bfloat16): float16 autocast with a GradScaler, unscaled before clipping.
-    CPU autocast runs float16 too, slowly, so the wiring is checked here; the GPU run is in the README."""
-    args = ['--data', data, '--data-tokens', '200', '--dtype', 'float16', '--lr', '1e-2', '--lr-decay-steps', '4']
-    rc, log = run(tmp_path / 'fp16', *args, '--max-steps', '2')
-    assert rc == 0 and 'dtype: float16' in log
-    scaler = checkpoint.load_training(str(tmp_path / 'fp16' / 'ckpt.pt')).scaler
-    assert scaler is not None and scaler['scale'] > 0  # the scaler ran and its state is kept for --resume
-    assert train.main(['--resume', str(tmp_path / 'fp16' / 'ckpt.pt'), '--max-steps', '4']) == 0
-    losses = [float(s[1]) for s in steps((tmp_path / 'fp16' / 'train.log').read_text())]
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    CPU autocast runs float16 too, slowly, so the wiring is checked here. The scaler starts at 2**24,
+    where the scaled gradients overflow float16: those steps are skipped and the scale halves until
+    they fit, so the scale a checkpoint holds has moved. A run stopped after 4 steps and resumed then
+    goes on as the unbroken one does, every printed digit and the scaler's state the same."""
+    real_init = torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, '__init__',
+                        lambda self, *a, **kw: real_init(self, *a, **{**kw, 'init_scale': 2.0 ** 24}))
+    args = ['--data', data, '--data-tokens', '200', '--dtype', 'float16', '--lr', '1e-2', '--lr-decay-steps', '8']
+    rc, straight = run(tmp_path / 'straight', *args, '--max-steps', '8')
+    assert rc == 0 and 'dtype: float16' in straight
+    rc, first = run(tmp_path / 'split', *args, '--max-steps', '4')
+    saved = checkpoint.load_training(str(tmp_path / 'split' / 'ckpt.pt')).scaler
+    assert rc == 0 and saved['scale'] < 2.0 ** 24  # overflows moved it, and it is saved
+    assert 'norm: inf' in first or 'norm: nan' in first  # the skipped steps' gradients
+    assert train.main(['--resume', str(tmp_path / 'split' / 'ckpt.pt'), '--max-steps', '8']) == 0
+    split = (tmp_path / 'split' / 'train.log').read_text()
+    assert steps(split) == steps(straight) and len(steps(straight)) == 8
+    assert (checkpoint.load_training(str(tmp_path / 'split' / 'ckpt.pt')).scaler ==
+            checkpoint.load_training(str(tmp_path / 'straight' / 'ckpt.pt')).scaler)
+    losses = [float(s[1]) for s in steps(straight)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
 # ---- bad input: one clear line, never a traceback ----

@@ -278,13 +278,97 @@ def compile_and_wrap(raw_model, args, rt):
 
 # ---- the run ----
 
-def train(argv, t_start):
+class Run:
+    """A run in progress: its settings and runtime, the model it trains (raw, and as it runs forward:
+    compiled, in DDP), the optimizers and GradScaler, where it stands (state, a RunState: saved with
+    the rest as one TrainingCheckpoint, which --resume restores), its log, and a stop request: the
+    first signal (Ctrl-C or SIGTERM) that asked for one, or None."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+        self.signal, self.first_step_s = None, None
+        self.ckpt_path = os.path.join(self.args.out_dir, 'ckpt.pt')
+        self.t_start -= self.state.elapsed  # a resumed run's clock goes on from its checkpoint
+
+    def ask_stop(self, signum, frame):
+        """SIGINT's and SIGTERM's handler: the run stops within a micro-step, with a checkpoint; a
+        second signal of the same kind stops it at once."""
+        self.signal = self.signal or signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def stop_asked(self):  # asked between micro-steps and evaluation batches
+        return self.signal is not None
+
+    def save(self, rng=None):
+        """ckpt.pt: the run so far, unless the weights diverged (checked on the next batch). rng: the
+        random state to save (default: now's)."""
+        self.state.elapsed = time.time() - self.t_start
+        if self.rt.master:
+            probe = self.train_windows.get(self.state.position, self.B)
+            checkpoint.save_training(self.ckpt_path, self.raw_model, self.optimizers, self.scaler,
+                                     self.state, vars(self.args), probe, self.rt.autocast, rng)
+
+    def stopped(self, when):
+        """The exit status of a run stopped by a signal, its checkpoint saved; logs the line that says so."""
+        self.log(f'stopped by a signal {when}; checkpoint after {self.state.step} steps: '
+                 f'{self.ckpt_path} (continue with --resume {self.ckpt_path})')
+        # the shell's code for the signal (in DDP, a stop agreed on may be another process's)
+        return 128 + (self.signal or signal.SIGTERM)
+
+    def evaluate(self, windows=None, can_stop=False):
+        """The loss over every target of windows (default: the training text); None if a stop
+        request cut it short (only when can_stop)."""
+        return evaluate(self.raw_model, windows or self.train_windows, self.B, self.rt.autocast,
+                        self.rt.rank, self.rt.world, self.stop_asked if can_stop else None)
+
+    def take_step(self, step):
+        """Optimizer step `step`: (loss, gradient norm, learning rate, stop: whether every process
+        agreed to stop after it), or None when a stop request cut it short, with no update made."""
+        args, rt, state, B, world = self.args, self.rt, self.state, self.B, self.rt.world
+        factor = lr_factor(step, args.warmup_steps, self.decay_steps, self.min_lr / args.lr)
+        for opt, peaks in zip(self.optimizers, self.peak_lrs):
+            for g, peak in zip(opt.param_groups, peaks):
+                g['lr'] = peak * factor
+        # this process's share of each micro-step: B windows out of B x world
+        batches = [self.train_windows.get(state.position + (i * world + rt.rank) * B, B)
+                   for i in range(self.grad_accum)]
+        progress = Progress(f'step {step}: micro-step', self.grad_accum, rt.master)
+        try:
+            result = train_step(self.model, self.params, self.optimizers, self.scaler, batches,
+                                args.grad_clip, rt.autocast, rt.ddp, self.stop_asked, progress)
+        except Exception:
+            if not self.stop_asked() or rt.ddp:
+                raise
+            # a terminal's Ctrl-C reaches the whole process group: a compiler it killed (torch.compile
+            # runs g++ on a CPU) fails the step, which is then a step stopped by the signal
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            result = None
+        progress.close()
+        if result is None:
+            return None
+        loss, norm = result
+        windows = self.grad_accum * B * world
+        state.tokens_seen += self.train_windows.targets(state.position, windows)  # all processes'
+        state.position = (state.position + windows) % self.train_windows.n
+        state.step = step + 1
+        stop = torch.tensor(float(self.stop_asked()), device=rt.device)
+        if rt.ddp:  # the mean loss over processes; any process's signal stops them all at this step
+            packed = torch.stack([loss, stop])
+            dist.all_reduce(packed)
+            loss, stop = packed[0] / world, packed[1]
+        loss, norm, stop = torch.stack([loss, norm.float(), stop]).tolist()  # the one host sync
+        return loss, norm, args.lr * factor, bool(stop)
+
+
+def start_run(argv, t_start):
+    """The Run that argv asks for, ready for its first step: a new one, or one resumed from its
+    checkpoint; its log's header written."""
     args, resumed = parse_args(argv)
     try:
         rt = setup_runtime(args)
     except ValueError as e:  # a device this torch cannot use
         raise TrainError(str(e)) from None
-    ctx = rt.autocast
     # float16 gradients underflow unless the loss is scaled up first
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
     # defaults that follow other flags stay None in the saved config: resume derives them anew
@@ -301,24 +385,18 @@ def train(argv, t_start):
                          f'{B * T * world}')
     if args.out_dir is None:
         args.out_dir = os.path.join('logs', datetime.datetime.now().strftime('run-%Y%m%d-%H%M%S'))
-    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     found = [name for name in ('train.log', 'metrics.jsonl', 'ckpt.pt')
              if os.path.exists(os.path.join(args.out_dir, name))]
     if found and not resumed:  # a run's folder is its record: never added to by another run
         raise TrainError(f'--out-dir {args.out_dir} holds a run already ({", ".join(found)}): '
                          f'continue it with --resume, or give a new --out-dir')
     commit = checkpoint.git_commit()  # before this run writes anything into the tree
-
-    # ---- data ----
     train_windows, val_windows, data_line = load_data(args, rt)
-
-    # ---- model and optimizer ----
-    raw_model, optimizers, peak_lrs, run = make_model(args, rt, resumed, scaler, muon_lr,
-                                                      train_windows.n)
+    raw_model, optimizers, peak_lrs, state = make_model(args, rt, resumed, scaler, muon_lr,
+                                                        train_windows.n)
     notices = []
     if rt.device_type == 'cpu' and (args.dtype == 'auto' or args.compile is None):
         rt, line = pick_cpu_precision(args, rt, raw_model, train_windows)
-        ctx = rt.autocast
         notices.append(line)
     if args.batch_size is None and rt.device_type != 'cuda':
         B, notice = fit_micro_batch(args, rt, raw_model, train_windows, B)
@@ -333,149 +411,106 @@ def train(argv, t_start):
     if cooldown is None:  # half the steps of a pass over the training windows, at least 10
         cooldown = max(10, math.ceil(train_windows.n * T / args.total_batch_tokens / 2))
     if rt.rank:
-        torch.manual_seed(args.seed + rt.rank + 7919 * run.step)  # its own dropout masks
+        torch.manual_seed(args.seed + rt.rank + 7919 * state.step)  # its own dropout masks
     model = compile_and_wrap(raw_model, args, rt)
-
-    # ---- logging ----
-    log = checkpoint.RunLog(args.out_dir, run.step, rt.master)
+    log = checkpoint.RunLog(args.out_dir, state.step, rt.master)
     log.header(argv, vars(args), raw_model, commit, rt, f'{data_line} | step: '
                f'{args.total_batch_tokens:,} tokens = {B} x {T} x {grad_accum} micro-steps x '
                f'{world} process(es)')
     for notice in notices:
         log(notice)
     if resumed:
-        log(f'resumed from {args.resume} at step {run.step} ({run.tokens_seen:,} tokens seen)')
+        log(f'resumed from {args.resume} at step {state.step} ({state.tokens_seen:,} tokens seen)')
+    return Run(args=args, rt=rt, raw_model=raw_model, model=model, params=list(raw_model.parameters()),
+               optimizers=optimizers, peak_lrs=peak_lrs, scaler=scaler, state=state, log=log,
+               train_windows=train_windows, val_windows=val_windows, B=B, grad_accum=grad_accum,
+               min_lr=min_lr, decay_steps=decay_steps, cooldown=cooldown, t_start=t_start)
 
-    t_start -= run.elapsed  # a resumed run's clock goes on from its checkpoint
 
-    def save(rng=None):  # the run so far, unless the weights diverged (checked on the next batch)
-        run.elapsed = time.time() - t_start
-        if rt.master:
-            checkpoint.save_training(ckpt_path, raw_model, optimizers, scaler, run, vars(args),
-                                     train_windows.get(run.position, B), ctx, rng)
-
-    def stopped(when):  # the line that ends a run stopped by a signal, after its checkpoint
-        log(f'stopped by a signal {when}; checkpoint after {run.step} steps: {ckpt_path} (continue '
-            f'with --resume {ckpt_path})')
-        return 128 + (signals[0] if signals else signal.SIGTERM)  # the shell's code for it
-
-    # Ctrl-C or SIGTERM stops the run within a micro-step, with a checkpoint; a second one at once
-    signals = []
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-        second = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-        signal.signal(signum, second)
+def train(argv, t_start):
+    """A run from its start (or --resume) to its end line; returns the exit status."""
+    run = start_run(argv, t_start)
+    args, log, ddp = run.args, run.log, run.rt.ddp
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-
-    # ---- training loop ----
-    next_target_eval, whole_loss, first_step_s = 0, None, None
-    params = list(raw_model.parameters())
-
-    def halt():  # asked between micro-steps and evaluation batches
-        return bool(signals)
-    for step in range(run.step, args.max_steps):
+        signal.signal(sig, run.ask_stop)
+    next_check, whole_loss = 0, None
+    for step in range(run.state.step, args.max_steps):
         t0 = time.time()
-        factor = lr_factor(step, args.warmup_steps, decay_steps, min_lr / args.lr)
-        for opt, peaks in zip(optimizers, peak_lrs):
-            for g, peak in zip(opt.param_groups, peaks):
-                g['lr'] = peak * factor
-        # this process's share of each micro-step: B windows out of B x world
-        starts = [run.position + (i * world + rt.rank) * B for i in range(grad_accum)]
-        batches = [train_windows.get(start, B) for start in starts]
         # what to save if this step is cut short: only dropout draws random numbers in a step
-        rng = checkpoint.rng_state() if args.dropout and not rt.ddp else None
-        progress = Progress(f'step {step}: micro-step', grad_accum, rt.master)
-        try:
-            result = train_step(model, params, optimizers, scaler, batches, args.grad_clip, ctx, rt.ddp,
-                                halt, progress)
-        except Exception:
-            if not signals or rt.ddp:
-                raise
-            # a terminal's Ctrl-C reaches the whole process group: a compiler it killed (torch.compile
-            # runs g++ on a CPU) fails the step, which is then a step stopped by the signal
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            result = None
-        progress.close()
-        if result is None and run.step == 0:  # not one whole step: nothing worth a checkpoint
+        rng = checkpoint.rng_state() if args.dropout and not ddp else None
+        result = run.take_step(step)
+        if result is None and step == 0:  # not one whole step: nothing worth a checkpoint
             log('stopped by a signal during step 0: nothing was trained, so no checkpoint was '
                 'written')
-            return 128 + signals[0]
+            return 128 + run.signal
         if result is None:  # stopped half-way: the weights are those after the last whole step
-            save(rng)
-            return stopped(f'during step {step}')
-        loss, norm = result
-        trained = train_windows.targets(run.position, grad_accum * B * world)  # all processes'
-        run.position = (run.position + grad_accum * B * world) % train_windows.n
-        stop = torch.tensor(float(bool(signals)), device=rt.device)
-        if rt.ddp:  # the mean loss over processes; any process's signal stops them all at this step
-            packed = torch.stack([loss, stop])
-            dist.all_reduce(packed)
-            loss, stop = packed[0] / world, packed[1]
-        loss, norm, stop = torch.stack([loss, norm.float(), stop]).tolist()  # the one host sync
+            run.save(rng)
+            return run.stopped(f'during step {step}')
+        loss, norm, lr, stop = result
         dt = time.time() - t0
-        first_step_s = dt if first_step_s is None else first_step_s
-        run.step, run.tokens_seen = step + 1, run.tokens_seen + trained
-        lr = args.lr * factor
+        run.first_step_s = dt if run.first_step_s is None else run.first_step_s
         log(f'step {step} | loss: {loss:.6f} | dt: {dt * 1000:.2f}ms | tok/sec: '
             f'{args.total_batch_tokens / dt:.2f} | norm: {norm:.4f} | lr: {lr:.4e}')
         if not math.isfinite(loss):
             kept = 'no checkpoint was written'
-            if os.path.exists(ckpt_path):
-                kept = f'the last checkpoint, {ckpt_path}, is left as it was'
+            if os.path.exists(run.ckpt_path):
+                kept = f'the last checkpoint, {run.ckpt_path}, is left as it was'
             raise TrainError(f'loss is {loss} at step {step}: training diverged (try a lower '
                              f'--lr); {kept}')
         row = dict(step=step, loss=loss, dt_ms=dt * 1000, tok_per_sec=args.total_batch_tokens / dt,
-                   norm=norm, lr=lr, tokens=run.tokens_seen)
+                   norm=norm, lr=lr, tokens=run.state.tokens_seen)
         whole_loss = None
-        if loss < args.target_loss and step >= next_target_eval and not stop:
+        if loss < args.target_loss and step >= next_check and not stop:
             # one lucky batch is no result: the loss over the whole text decides
-            whole_loss = evaluate(raw_model, train_windows, B, ctx, rt.rank, world, halt)
+            whole_loss = run.evaluate(can_stop=True)
             if whole_loss is not None:
                 row['whole_loss'] = whole_loss
-                log(f'whole-text loss after step {step}: {whole_loss:.6f} (target '
-                    f'{args.target_loss})')
-            next_target_eval = step + cooldown
-        stopping = stop or (not rt.ddp and halt())  # DDP processes only act on the agreed stop
-        if args.eval_interval and (step + 1) % args.eval_interval == 0 and not stopping:
+                log(f'whole-text loss after step {step}: {whole_loss:.6f} (target {args.target_loss})')
+            next_check = step + run.cooldown
+        # DDP processes act only on the stop they agreed on
+        if args.eval_interval and (step + 1) % args.eval_interval == 0 and not (
+                stop or not ddp and run.stop_asked()):
             if whole_loss is None:
-                row['whole_loss'] = evaluate(raw_model, train_windows, B, ctx, rt.rank, world)
+                row['whole_loss'] = run.evaluate()
             line = f'eval after step {step} | whole-text loss: {row["whole_loss"]:.6f}'
-            if val_windows:
-                row['val_loss'] = evaluate(raw_model, val_windows, B, ctx, rt.rank, world)
+            if run.val_windows:
+                row['val_loss'] = run.evaluate(run.val_windows)
                 line += f' | val loss: {row["val_loss"]:.6f}'
             log(line)
         log.row(row)
         if whole_loss is not None and whole_loss < args.target_loss:
             break
-        if not rt.ddp:  # a signal during the evaluations too (DDP keeps the stop it agreed on)
-            stop = stop or halt()
+        stop = stop or not ddp and run.stop_asked()  # a signal during the evaluations too
         interval = args.checkpoint_interval
-        if stop or interval and run.step % interval == 0 and run.step < args.max_steps:
-            save()
+        if stop or interval and run.state.step % interval == 0 and run.state.step < args.max_steps:
+            run.save()
         if stop:
-            return stopped(f'after step {step}')
+            return run.stopped(f'after step {step}')
+    return finish(run, whole_loss)
 
-    # ---- the end ----
+
+def finish(run, whole_loss):
+    """The end of a run that was not stopped: the whole-text loss (unless the last step's check
+    gave it), the checkpoint, the end line and the samples. Returns the exit status."""
+    args, state = run.args, run.state
     reached = whole_loss is not None and whole_loss < args.target_loss
     if not reached:  # the final number is always the loss over the whole text
-        whole_loss = evaluate(raw_model, train_windows, B, ctx, rt.rank, world, halt)
+        whole_loss = run.evaluate(can_stop=True)
         if whole_loss is None:
-            save()
-            return stopped(f'after step {run.step - 1}, in the final evaluation')
+            run.save()
+            return run.stopped(f'after step {state.step - 1}, in the final evaluation')
         reached = whole_loss < args.target_loss
-    save()
-    compiled = ', compile included' if rt.compile else ''
-    log(f'{"target reached" if reached else "target NOT reached"} at step {run.step - 1} '
-        f'({run.step} steps) | tokens seen: {run.tokens_seen:,} | wall time: {run.elapsed:.1f}s '
-        f'(first step {first_step_s or 0:.1f}s{compiled}) | whole-text loss: {whole_loss:.6f} '
-        f'(target {args.target_loss}) | checkpoint: {ckpt_path}')
-    if rt.master and args.samples > 0:
+    run.save()
+    compiled = ', compile included' if run.rt.compile else ''
+    run.log(f'{"target reached" if reached else "target NOT reached"} at step {state.step - 1} '
+            f'({state.step} steps) | tokens seen: {state.tokens_seen:,} | wall time: '
+            f'{state.elapsed:.1f}s (first step {run.first_step_s or 0:.1f}s{compiled}) | '
+            f'whole-text loss: {whole_loss:.6f} (target {args.target_loss}) | checkpoint: '
+            f'{run.ckpt_path}')
+    if run.rt.master and args.samples > 0:
         from inference import play_samples  # generation is written once, in inference.py
-        for header, text in play_samples(raw_model, args.samples, args.seed):
-            log(f'--- sample: {header}\n{text}')
+        for header, text in play_samples(run.raw_model, args.samples, args.seed):
+            run.log(f'--- sample: {header}\n{text}')
     return 0
 
 
