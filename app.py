@@ -27,15 +27,15 @@ import pandas as pd
 import torch
 
 from batching import Server
+from checkpoint import TARGET_LOSS  # what train.py trains for: the loss plot draws it
 from cpu_decode import prepare_for_generation
-from inference import MODEL_ENV_VAR, CheckpointError, load_model, stream_text
+from generation import MODEL_ENV_VAR, CheckpointError, default_precision, load_model, stream_text
 from data import gpt2_tokenizer
 
 MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
 MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)
 BATCH_ROWS = 8           # requests decoding together (logs/bench_app_cpu.md): one step reads the weights once for all
 QUEUE_SIZE = 20          # requests waiting beyond those; the next one is told the queue is full, at once
-TARGET_LOSS = 0.099999   # what train.py trains for: the loss plot draws it
 EXAMPLES = [  # openings from the play (input.txt): seed text, max tokens, temperature, top N, seed
     ['ROMEO:', 100, 0.7, 50, 1],
     ['JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?', 100, 0.7, 50, 2],
@@ -54,7 +54,7 @@ def load(source=None, compile=False):
         model, info = load_model(source)
     except CheckpointError as e:
         return None, None, str(e)
-    precision = 'int8' if next(model.parameters()).device.type == 'cpu' else 'float32'
+    precision = default_precision(next(model.parameters()).device)
     prepare_for_generation(model, precision, compile=compile)
     step = f', trained {info["step"]} steps' if info['step'] is not None else ''
     about = (f'{info["path"]}{step}, {info["params"] / 1e6:.1f}M parameters, {precision} weights, '

@@ -11,7 +11,7 @@ multiplies, so four sequences cost little more than one.
             ...
 
 Each sequence keeps its own prompt, position, length, sampling settings and random generator, so
-its tokens are those inference.generate_ids makes for it alone, whatever its neighbours (test_batching.py
+its tokens are those generation.generate_ids makes for it alone, whatever its neighbours (test_batching.py
 holds the two equal). Sequences join and leave between steps. A step that has a newcomer (or a
 sequence whose text outgrew the context) runs that sequence's prompt pass alone, into its own row of
 the cache, and the others wait for it; every other step decodes one token for every row at once.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from data import EOT_TOKEN
 from cpu_decode import compile_decoding
-from inference import sample_next
+from generation import context_restart, sample_next
 from model import KVCache
 
 
@@ -86,7 +86,7 @@ class RowsCache:
 
 class Sequence:
     """One request: its prompt's token ids (empty: <|endoftext|>) and how to continue it, as
-    inference.generate_ids takes them. tokens: what it has made so far."""
+    generation.generate_ids takes them. tokens: what it has made so far."""
 
     def __init__(self, ids, max_new_tokens=100, temperature=0.7, top_k=None, top_p=None, seed=None,
                  stop_at_eot=False):
@@ -146,7 +146,7 @@ class Batch:
         prompts = []  # rows whose context (re)starts: a prompt pass each, alone
         for b, seq in enumerate(self.seqs):
             if len(seq.ids) - seq.start > self.block_size:  # as generate_ids: go on from the last half
-                seq.start = len(seq.ids) - self.block_size // 2
+                seq.start = context_restart(len(seq.ids), self.block_size)
                 self.cache.lengths[b] = 0
             if self.cache.lengths[b] == 0:
                 prompts.append(b)

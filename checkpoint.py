@@ -43,6 +43,9 @@ class RunState:
     tokens_seen: int = 0   # targets trained on, over all processes (a padded one is none)
     position: int = 0      # the next window of the data to train on
     elapsed: float = 0.0   # seconds of training before this process started
+    # how the run ended, as its end line says (whole_loss, target_loss, reached, first_step_s); None
+    # while it trains: what an export tells of the run is read here, never parsed from train.log
+    end: dict | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class TrainingCheckpoint:
 
 
 MODEL_ONLY_KEYS = ('model_args', 'model')
+TARGET_LOSS = 0.099999  # the project's goal for the whole-text loss: train.py's default, the app's loss plot
 
 
 # ---- random state ----
@@ -221,8 +225,8 @@ def load_weights(model, state_dict):
     model.load_state_dict(sd)
 
 
-def load_model(path):
-    """(GPT, training step or None) from a training checkpoint or a model-only file."""
+def load_model_file(path):
+    """(GPT, RunState or None) from a training checkpoint or a model-only file."""
     obj = load(path, mmap=True)  # mmap: a training checkpoint's optimizer state is never read
     if not isinstance(obj, dict) or set(MODEL_ONLY_KEYS) - obj.keys():
         raise CheckpointError(f"{path}: not a train.py checkpoint or model-only file "
@@ -234,7 +238,8 @@ def load_model(path):
     except CheckpointError as e:
         raise CheckpointError(f'{path}: weights do not fit the model_args: {e}') from None
     run = obj.get('run')
-    return model, run['step'] if isinstance(run, dict) else None
+    known = {f.name for f in fields(RunState)}
+    return model, RunState(**{k: v for k, v in run.items() if k in known}) if isinstance(run, dict) else None
 
 
 # ---- the run's log: train.log and metrics.jsonl ----

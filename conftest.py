@@ -198,6 +198,11 @@ def trained_run(tmp_path_factory, text):
     return out
 
 
+def trained_state(run_dir):
+    """The RunState in a run folder's ckpt.pt: what inference.py's --export passes to export.py."""
+    return checkpoint.load_training(str(run_dir / 'ckpt.pt')).run
+
+
 # ---- the app ----
 
 def free_port():

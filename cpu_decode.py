@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import GPT2_VOCAB_SIZE
 
 # A decoding step streams every weight from memory, 4 KB page after 4 KB page: with THP_MEM_ALLOC_ENABLE
 # set, torch's CPU allocator asks Linux for transparent huge pages (2 MB) for every tensor of 2 MB or
@@ -334,9 +333,7 @@ class CompiledDecoder:
             x = x + block.mlp(block.ln_2(x))
             new_k.append(k_new)
             new_v.append(v_new)
-        logits = model.lm_head(tr.ln_f(x))
-        # the padded ids 50257..50303 are no tokens at all: they must never be sampled
-        logits = logits.masked_fill(torch.arange(logits.size(1), device=x.device) >= GPT2_VOCAB_SIZE, float('-inf'))
+        logits, _ = model.head(x)  # the padded ids masked there
         return logits, torch.stack(new_k), torch.stack(new_v)
 
     @torch.inference_mode()  # as generate_ids and Batch.step run it: an inference tensor compiles apart

@@ -67,11 +67,12 @@ def check_export_dir(out_dir):
                               f'give a new or empty folder')
 
 
-def export_hf(model, out_dir, source, step=None, dtype=torch.float32):
+def export_hf(model, out_dir, source, run=None, dtype=torch.float32):
     """Write model to the folder out_dir as a Hugging Face GPT-2 model repo: config.json,
     model.safetensors (no pickle), generation_config.json, the tokenizer (data.write_hf_tokenizer), a
-    model card README.md (from the run's train.log when there is one beside source, the checkpoint file
-    or folder the model came from) and the metrics.jsonl and *.png beside source. The folder is written
+    model card README.md (from run, the checkpoint's RunState, and the run's train.log when there is one
+    beside source, the checkpoint file or folder the model came from) and the metrics.jsonl and *.png
+    beside source. The folder is written
     beside out_dir and renamed into place: a failed export leaves out_dir as it was. Returns the file
     names."""
     if not model.config.bias:
@@ -95,7 +96,7 @@ def export_hf(model, out_dir, source, step=None, dtype=torch.float32):
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         log = Path(run_dir, 'train.log')
         log = log.read_text(encoding='utf-8', errors='replace') if log.is_file() else None
-        card = model_card(model, sd, log, step, [os.path.basename(p) for p in extras[1:]])
+        card = model_card(model, sd, log, run, [os.path.basename(p) for p in extras[1:]])
         Path(tmp, 'README.md').write_text(card, encoding='utf-8')
         os.chmod(tmp, 0o755)  # mkdtemp and safetensors make their files private; an export is to share
         for name in os.listdir(tmp):
@@ -147,11 +148,11 @@ def gguf_module():
     return gguf
 
 
-def export_gguf(model, path, source, step=None, dtype='float16'):
+def export_gguf(model, path, source, run=None, dtype='float16'):
     """Write model to one GGUF file for llama.cpp (and Ollama and LM Studio, which run it): the
     GPT-2 architecture's keys, the tokenizer (GPT-2's byte-level BPE, rebuilt from gpt2.tiktoken),
     the 50,257 real embedding rows (the output layer is tied to them: llama.cpp reuses them when a
-    file has no output.weight), and the run's facts from its train.log as gpt2_shakespeare.* keys.
+    file has no output.weight), and the run's facts (run_facts) as gpt2_shakespeare.* keys.
     Like llama.cpp's converter, norms, biases and the position table stay float32; q8_0 falls back to
     float16 for a matrix whose rows do not split into blocks of 32. Written beside path and renamed
     over it: a failed export leaves what was there. Returns the file's size in bytes."""
@@ -199,7 +200,7 @@ def export_gguf(model, path, source, step=None, dtype='float16'):
             add(EOT_TOKEN)
         writer.add_add_bos_token(False)  # GPT-2 prompts start as they are, as inference.py reads them
         writer.add_add_eos_token(False)
-        for key, value in run_facts(source, step).items():
+        for key, value in run_facts(source, run).items():
             writer.add_string(f'gpt2_shakespeare.{key}', value)
         for name, tensor in model.state_dict().items():
             if name == 'lm_head.weight':  # tied to wte
@@ -232,30 +233,27 @@ def export_gguf(model, path, source, step=None, dtype='float16'):
     return os.path.getsize(path)
 
 
-def run_facts(source, step):
-    """What a GGUF file tells of the run it came from (its train.log beside source): strings."""
+def run_facts(source, run):
+    """What a GGUF file tells of the run it came from, as strings: the header of its train.log beside
+    source, and from run (the checkpoint's RunState, or None) its step and, at its end, the figures of
+    its end line."""
     run_dir = source if os.path.isdir(source) else os.path.dirname(source)
     log = Path(run_dir, 'train.log')
-    facts = {'step': str(step)} if step is not None else {}
-    if not log.is_file():
-        return facts
-    info = read_train_log(log.read_text(encoding='utf-8', errors='replace'))
-    facts.update({key.replace(' ', '_'): info[key] for key in ('git commit', 'device', 'versions', 'data')
-                  if info[key]})
-    if info['command']:
-        facts['command'] = info['command'][-1]
-    end = info['end']
-    if end is not None and step is not None and int(end['step']) + 1 == step:
-        facts.update(tokens_seen=end['tokens'], wall_time_s=end['wall'], whole_text_loss=end['loss'],
-                     target_loss=end['target'], target=end['reached'])
+    facts = {'step': str(run.step)} if run is not None else {}
+    if log.is_file():
+        info = read_train_log(log.read_text(encoding='utf-8', errors='replace'))
+        facts.update({key.replace(' ', '_'): info[key] for key in ('git commit', 'device', 'versions', 'data')
+                      if info[key]})
+        if info['command']:
+            facts['command'] = info['command'][-1]
+    if run is not None and run.end:
+        facts.update(tokens_seen=f'{run.tokens_seen:,}', wall_time_s=f'{run.elapsed:.1f}',
+                     whole_text_loss=f'{run.end["whole_loss"]:.6f}', target_loss=str(run.end['target_loss']),
+                     target='reached' if run.end['reached'] else 'NOT reached')
     return facts
 
 # ---- the model card ----
 
-# train.log's end line, which train.py writes when a run ends, before the samples
-END_LINE = re.compile(r'target (?P<reached>reached|NOT reached) at step (?P<step>\d+) (\(\d+ steps\) )?\| tokens seen: '
-                      r'(?P<tokens>[\d,]+) \| wall time: (?P<wall>[\d.]+)s .*\| whole-text loss: (?P<loss>\S+) '
-                      r'\(target (?P<target>\S+)\)')
 CARD = """---
 license: mit
 library_name: transformers
@@ -303,45 +301,47 @@ With the kit's own code: `python inference.py --checkpoint user/repo --prompt "R
 
 
 def read_train_log(log):
-    """What a model card tells of a run, from its train.log text: the commands (a resumed run adds
-    one), the header lines (git commit, device, versions, model, data), the last end line (END_LINE's
-    match, or None) and the samples logged after it."""
+    """What a model card tells of a run from its train.log text: the commands (a resumed run adds
+    one), the header lines (git commit, device, versions, model, data) and the samples that end the
+    last run's part of the log (None if it has none)."""
     lines = log.splitlines()
-    ends = [i for i, line in enumerate(lines) if END_LINE.match(line)]
-    head, tail = (lines[:ends[-1]], lines[ends[-1] + 1:]) if ends else (lines, [])
+    last = max((i for i, line in enumerate(lines) if line.startswith('command: ')), default=0)
+    first = next((i for i in range(last, len(lines)) if lines[i].startswith('--- sample: ')), len(lines))
+    head = lines[:first]
     info = {'command': [line.removeprefix('command: ') for line in head if line.startswith('command: ')],
-            'end': END_LINE.match(lines[ends[-1]]) if ends else None}
+            'samples': '\n'.join(lines[first:]) or None}
     for key in ('git commit', 'device', 'versions', 'model', 'data'):
         info[key] = next((line.split(': ', 1)[1] for line in reversed(head) if line.startswith(key + ': ')), None)
-    tail = tail[:next((i for i, line in enumerate(tail) if line.startswith('command: ')), len(tail))]  # a later run
-    info['samples'] = '\n'.join(tail) if tail and tail[0].startswith('--- sample: ') else None
     return info
 
 
-def model_card(model, sd, log, step, pictures=()):
+def model_card(model, sd, log, run, pictures=()):
     """README.md of an export (sd: its weights): the Hub's metadata, what the model is and is not, how
-    to use it and, from the run's train.log when there is one, how it was trained: command, commit,
-    device, steps, tokens, wall time, whole-text loss and the samples at the end of the log."""
+    to use it and, from the run's train.log when there is one and its RunState (run), how it was
+    trained: command, commit, device, steps, tokens, wall time, whole-text loss and the samples at
+    the end of the log."""
     c = model.config
     dtype = str(next(iter(sd.values())).dtype).removeprefix('torch.')
     card = [CARD.format(mark=EXPORT_MARK, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dtype=dtype,
                         block_size=f'{c.block_size:,}', n_params=sum(v.numel() for v in sd.values()))]
+    step = run.step if run is not None else None
     if log is None:
         card.append('No train.log came with the checkpoint this was exported from, so this card cannot say '
                     'how it was trained' + (f' (the checkpoint is from step {step}).' if step else '.'))
         return '\n'.join(card) + '\n'
     info = read_train_log(log)
-    end = info['end']
     card.append("From the run's train.log (written by train.py; metrics.jsonl has every step):\n")
     card += [f'- command: `{command}`' for command in info['command']]
     card += [f'- {key}: {info[key]}' for key in ('git commit', 'device', 'versions', 'model', 'data') if info[key]]
-    if end is None or int(end['step']) + 1 != step:
-        card.append(f'\nThe log does not end at this checkpoint (step {step}): the run stopped before its '
-                    f'end line, so its results and samples are not given here.')
+    if run is None or not run.end:
+        card.append(f'\nThe checkpoint (step {step}) is not from the end of its run: the run stopped before '
+                    f'it ended, so its results and samples are not given here.')
     else:
-        card += [f'- steps: {step:,} (0 to {end["step"]})', f'- tokens: {end["tokens"]}',
-                 f'- wall time: {end["wall"]} s',
-                 f'- whole-text loss: {end["loss"]} (target {end["target"]}: {end["reached"].lower()})']
+        end = run.end
+        card += [f'- steps: {step:,} (0 to {step - 1})', f'- tokens: {run.tokens_seen:,}',
+                 f'- wall time: {run.elapsed:.1f} s',
+                 f'- whole-text loss: {end["whole_loss"]:.6f} (target {end["target_loss"]}: '
+                 f'{"reached" if end["reached"] else "not reached"})']
         if info['samples']:  # a fence longer than any run of backticks in the model's text
             fence = '`' * max(3, 1 + max(map(len, re.findall('`+', info['samples'])), default=0))
             card += ['\n### Samples at the end of the run\n', fence, info['samples'], fence]

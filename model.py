@@ -241,20 +241,21 @@ class GPT(nn.Module):
         return self.head(x, targets)
 
     def head(self, x, targets=None):
-        """Final LayerNorm, logits (B, T, C) -> (B, T, vocab_size) and the loss against targets. A
-        method of its own so that train.py can compile it apart from the blocks."""
+        """Final LayerNorm, logits (..., C) -> (..., vocab_size) and the loss against targets. A
+        method of its own so that train.py can compile it apart from the blocks, and cpu_decode's
+        step ends in it too."""
         x = self.transformer.ln_f(x)
-        chunked = torch.is_autocast_enabled('cpu') or not torch.is_grad_enabled()
-        if targets is not None and x.device.type == 'cpu' and chunked:
+        if targets is None:
+            logits = self.lm_head(x)
+            # the padded ids 50257..50303 are no tokens at all: they must never be sampled
+            logits[..., GPT2_VOCAB_SIZE:] = float('-inf')
+            return logits, None
+        if x.device.type == 'cpu' and (torch.is_autocast_enabled('cpu') or not torch.is_grad_enabled()):
             # the (B, T, vocab) logits are never made whole: see LinearCrossEntropy. In training only
             # under autocast, where it pays most: float32 training keeps F.cross_entropy's sums to the
             # bit. An evaluation (no gradients) always: B x T x vocab float32 logits are GBs
             return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)
-        if targets is None:
-            # the padded ids 50257..50303 are no tokens at all: they must never be sampled
-            logits[..., GPT2_VOCAB_SIZE:] = float('-inf')
-            return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 

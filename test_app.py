@@ -21,7 +21,7 @@ from model import GPT
 def test_streams_text_token_by_token_and_reproducibly(server):
     from gradio_client import Client
     from cpu_decode import prepare_for_generation
-    from inference import generate, load_model
+    from generation import generate, load_model
     url, ckpt, _ = server
     client = Client(url, verbose=False)
     updates = list(client.submit('ROMEO:', 20, 0.7, 50, 1, api_name='/generate'))
@@ -44,7 +44,7 @@ def test_compiled_app_serves_the_texts_of_compiled_inference(tmp_path):
     inference.py's compiled model makes for each of them alone."""
     from gradio_client import Client
     from cpu_decode import prepare_for_generation
-    from inference import generate, load_model
+    from generation import generate, load_model
     with app_server(tmp_path, '--compile') as (url, ckpt, log):
         assert 'batching: compiled the decoding step in ' in log.read_text()
         model, _ = load_model(ckpt)
@@ -75,7 +75,7 @@ def test_concurrent_requests_stream_their_own_text_and_a_gone_client_frees_its_r
     its row at the next step (the server's log says so) and the others go on."""
     from gradio_client import Client
     from cpu_decode import prepare_for_generation
-    from inference import generate, load_model
+    from generation import generate, load_model
     url, ckpt, log = server
     model, _ = load_model(ckpt)
     prepare_for_generation(model, 'int8')

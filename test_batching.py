@@ -1,17 +1,18 @@
 """batching.py: sequences generated together, one batch per decoding step, make the tokens that
-inference.generate_ids makes for each of them alone, with logits within the tolerance measured
+generation.generate_ids makes for each of them alone, with logits within the tolerance measured
 below; they join and leave between steps, finish on their own lengths and settings, and a removed
 one frees its row for the next. Tiny random models: seconds."""
 import pytest
 import torch
 
 import batching
-import inference
+import generation
 from batching import Batch, Sequence
 from conftest import TINY_CONFIG
 from data import EOT_TOKEN
 from cpu_decode import prepare_for_generation
-from inference import generate_ids
+from generation import generate_ids
+from model import GPT
 
 # (prompt ids, settings): greedy and sampled, top-k and top-p, lengths that end at different steps, a
 # prompt longer than the 64-token context (cropped) and texts that outgrow it (a second prompt pass)
@@ -45,7 +46,7 @@ def model(request):
     for one row (alone) and for several (together) are not the same code."""
     torch.manual_seed(0)
     precision, _, compiled = request.param.partition(', ')
-    return prepare_for_generation(inference.GPT(TINY_CONFIG).eval(), precision, compile=bool(compiled)), request.param
+    return prepare_for_generation(GPT(TINY_CONFIG).eval(), precision, compile=bool(compiled)), request.param
 
 
 def test_together_equals_alone_whatever_joins_and_leaves(model, monkeypatch):
@@ -68,7 +69,7 @@ def test_together_equals_alone_whatever_joins_and_leaves(model, monkeypatch):
 def test_logits_together_are_those_alone(model, monkeypatch):
     model, precision = model
     requests = [(ids, {**kw, 'seed': kw.get('seed', 99)}) for ids, kw in REQUESTS]  # a generator each
-    seen = recorded(monkeypatch, inference)
+    seen = recorded(monkeypatch, generation)
     alone = []
     for ids, kw in requests:
         list(generate_ids(model, ids, **kw))
@@ -108,7 +109,7 @@ def test_sequences_stop_on_their_own_and_a_removed_one_frees_its_row(model):
     # <|endoftext|> ends a stop_at_eot sequence without being handed out as a token: a model steered to
     # make it likeliest everywhere (ln_f gives a vector of ones, and only its row of the head sees them)
     torch.manual_seed(0)
-    eot_model = inference.GPT(TINY_CONFIG).eval()
+    eot_model = GPT(TINY_CONFIG).eval()
     with torch.no_grad():
         eot_model.transformer.ln_f.weight.zero_()
         eot_model.transformer.ln_f.bias.fill_(1.0)

@@ -15,7 +15,7 @@ from batching import Batch, Sequence
 from conftest import TINY_CONFIG, run_cli, tiny_checkpoint
 from cpu_decode import PRECISIONS, prepare_for_generation
 from data import GPT2_VOCAB_SIZE
-from inference import generate_ids
+from generation import generate_ids
 from model import GPT, GPTConfig, KVCache
 
 # the compiled step's logits against the eager step's, same weights and tokens. float32: equal to the

@@ -13,10 +13,10 @@ import torch
 
 import export
 from checkpoint import CheckpointError
-from conftest import INPUT, ODD_TEXTS, one_line_error, run_cli, tiny_checkpoint
+from conftest import trained_state, INPUT, ODD_TEXTS, one_line_error, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, bytes_to_unicode, gpt2_ranks, gpt2_tokenizer
 from export import export_hf
-from inference import generate_ids, load_model
+from generation import generate_ids, load_model
 
 FILES = ['README.md', 'config.json', 'generation_config.json', 'merges.txt', 'metrics.jsonl', 'model.safetensors',
          'tokenizer.json', 'tokenizer_config.json', 'vocab.json']
@@ -207,17 +207,17 @@ def test_bad_export_targets_are_one_line_errors_that_overwrite_nothing(exported,
                                 f'export (it holds draft.md); give a new or empty folder'))
     model = checkpoint_model(trained_run)
     with pytest.raises(CheckpointError, match="a previous export .its README.md is not an export's model card"):
-        export_hf(model, str(tmp_path / 'theirs'), str(trained_run), 20)
+        export_hf(model, str(tmp_path / 'theirs'), str(trained_run), trained_state(trained_run))
     assert (listing(tmp_path / 'mine'), listing(tmp_path / 'theirs')) == before
     r = run_cli('--checkpoint', str(tmp_path / 'missing'), '--export', str(tmp_path / 'out'))
     one_line_error(r, re.escape(f'{tmp_path / "missing"}: no such file or directory') + '.*')
     assert not (tmp_path / 'out').exists()
     # an empty folder, then the same folder again: a previous export is replaced whole
     (tmp_path / 'empty').mkdir()
-    export_hf(model, str(tmp_path / 'empty'), str(trained_run), 20)
+    export_hf(model, str(tmp_path / 'empty'), str(trained_run), trained_state(trained_run))
     assert listing(tmp_path / 'empty') == listing(exported)
     (tmp_path / 'empty' / 'old-curve.png').write_bytes(b'png')  # what an earlier run's export may have had
-    export_hf(model, str(tmp_path / 'empty'), str(trained_run), 20)
+    export_hf(model, str(tmp_path / 'empty'), str(trained_run), trained_state(trained_run))
     assert listing(tmp_path / 'empty') == listing(exported)
     # a write that fails half-way (disk full) leaves the previous export as it was, and no temporary folder
     def disk_full(*args, **kwargs):
@@ -225,6 +225,6 @@ def test_bad_export_targets_are_one_line_errors_that_overwrite_nothing(exported,
     monkeypatch.setattr(export, 'write_hf_tokenizer', disk_full)
     with pytest.raises(CheckpointError, match=r'cannot write the export .*empty \(No space left on device\); '
                                               r'it is left as it was'):
-        export_hf(model, str(tmp_path / 'empty'), str(trained_run), 20)
+        export_hf(model, str(tmp_path / 'empty'), str(trained_run), trained_state(trained_run))
     assert listing(tmp_path / 'empty') == listing(exported)
     assert sorted(os.listdir(tmp_path)) == ['empty', 'mine', 'notes.txt', 'theirs']

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import checkpoint
-import inference
+import generation
 import train
 from conftest import INPUT, ROOT, TINY_ARGS, logged_steps, one_line_error, read_only, runs, start, wait_until
 from data import gpt2_tokenizer, load_tokens
@@ -246,8 +246,8 @@ def test_truncated_or_foreign_files_get_a_clear_error(trained, tmp_path):
     for path in foreign_files(trained, tmp_path):
         with pytest.raises(train.TrainError, match=re.escape(f'--resume: {path} is not a readable checkpoint (')):
             train.main(['--resume', str(path)])
-        with pytest.raises(inference.CheckpointError, match=re.escape(f'{path} is not a readable checkpoint (')):
-            inference.load_model(str(path))
+        with pytest.raises(generation.CheckpointError, match=re.escape(f'{path} is not a readable checkpoint (')):
+            generation.load_model(str(path))
     r = subprocess.run([sys.executable, 'train.py', '--resume', str(tmp_path / 'truncated.pt')], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     one_line_error(r, re.escape(f'--resume: {tmp_path / "truncated.pt"} is not a readable checkpoint (RuntimeError)'))

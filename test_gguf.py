@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError
-from conftest import ODD_TEXTS, ROOT, one_line_error, read_only, run_cli
+from conftest import trained_state, ODD_TEXTS, ROOT, one_line_error, read_only, run_cli
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, bytes_to_unicode, gpt2_tokenizer
 from export import export_gguf
-from inference import generate_ids, load_model
+from generation import generate_ids, load_model
 
 gguf = pytest.importorskip('gguf')  # the format's writer; installed with the dev requirements
 CONVERTER = os.environ.get('LLAMA_CPP_CONVERTER', os.path.join(ROOT, '.llama.cpp', 'convert_hf_to_gguf.py'))
@@ -185,7 +185,7 @@ def test_bad_gguf_targets_are_one_line_errors_that_overwrite_nothing(exports, tr
     (tmp_path / 'locked').mkdir()
     with read_only(tmp_path / 'locked'):
         with pytest.raises(CheckpointError, match=r'cannot write the export .*locked/m.gguf \(.*\); nothing was written'):
-            export_gguf(model, str(tmp_path / 'locked' / 'm.gguf'), str(trained_run), 20)
+            export_gguf(model, str(tmp_path / 'locked' / 'm.gguf'), str(trained_run), trained_state(trained_run))
     assert os.listdir(tmp_path / 'locked') == []
     previous = tmp_path / 'previous.gguf'
     previous.write_bytes(exports['q8_0'].read_bytes())
@@ -195,6 +195,6 @@ def test_bad_gguf_targets_are_one_line_errors_that_overwrite_nothing(exports, tr
     monkeypatch.setattr(gguf.GGUFWriter, 'write_tensors_to_file', disk_full)
     with pytest.raises(CheckpointError, match=r'cannot write the export .*previous.gguf \(No space left on device\); '
                                               r'it is left as it was'):
-        export_gguf(model, str(previous), str(trained_run), 20)
+        export_gguf(model, str(previous), str(trained_run), trained_state(trained_run))
     assert previous.read_bytes() == exports['q8_0'].read_bytes()
     assert sorted(os.listdir(tmp_path)) == ['dir.gguf', 'locked', 'notes.gguf', 'previous.gguf', 'shim']

@@ -20,7 +20,7 @@ import train
 from conftest import INPUT, TINY_CONFIG as TINY, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer, load_tokens
 from cpu_decode import INT4_GROUP_SIZE, Int4Linear, Int8Linear, prepare_for_generation
-from inference import (CheckpointError, generate, generate_ids, load_model, newest_checkpoint, resolve_source, sample_next,
+from generation import (CheckpointError, generate, generate_ids, load_model, newest_checkpoint, resolve_source, sample_next,
                        stream_text)
 from model import GPT, GPTConfig, KVCache
 
@@ -148,16 +148,16 @@ def test_temperature_shapes_the_sampled_frequencies():
 def recorded_generation(monkeypatch, model, prompt, forced=None, **kw):
     """generate_ids with sample_next wrapped: (tokens, the logits each token was drawn from). With
     forced, the tokens are those instead of draws (the logits are still the model's own)."""
-    import inference
-    real, seen = inference.sample_next, []
+    import generation
+    real, seen = generation.sample_next, []
 
     def sample(logits, *args):
         seen.append(logits[:GPT2_VOCAB_SIZE].clone())
         token = real(logits, *args)
         return token if forced is None else forced[len(seen) - 1]
-    monkeypatch.setattr(inference, 'sample_next', sample)
+    monkeypatch.setattr(generation, 'sample_next', sample)
     tokens = list(generate_ids(model, prompt, **kw))
-    monkeypatch.setattr(inference, 'sample_next', real)
+    monkeypatch.setattr(generation, 'sample_next', real)
     return tokens, seen
 
 

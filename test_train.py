@@ -113,6 +113,9 @@ def test_tiny_model_reaches_the_target_on_a_slice(data, tmp_path):
     ckpt = checkpoint.load_training(str(out / 'ckpt.pt'))
     assert ckpt.run.step == n_steps and ckpt.run.tokens_seen == 256 * n_steps and ckpt.run.elapsed > 0
     assert ckpt.optimizer and ckpt.rng and ckpt.config['data_tokens'] == 257
+    # and the end line's figures, which an export reads from here
+    assert ckpt.run.end['reached'] and ckpt.run.end['target_loss'] == 0.099999
+    assert f"{ckpt.run.end['whole_loss']:.6f}" == f'{printed:.6f}' and ckpt.run.end['first_step_s'] > 0
     assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt.model)
     model = GPT(GPTConfig(**ckpt.model_args))
     model.load_state_dict(ckpt.model)
@@ -256,7 +259,7 @@ def test_two_process_torchrun_matches_one_process(data, tmp_path):
     # which the two processes split between them (12 batches of 4 each, the last of 2 windows, one padded)
     tokens = torch.from_numpy(data_module.load_tokens(data)[:3000].astype(np.int64))
     for name, printed in zip(('one', 'ddp'), whole):
-        model, _ = checkpoint.load_model(str(tmp_path / name / 'ckpt.pt'))
+        model, _ = checkpoint.load_model_file(str(tmp_path / name / 'ckpt.pt'))
         assert printed == pytest.approx(per_token_loss(model.eval(), tokens, 32), abs=2e-6)
     assert abs(whole[0] - whole[1]) < 1e-5
     # steps and tokens seen: all processes' targets, as one process with both micro-steps counts them

@@ -94,7 +94,7 @@ def build_parser():
     a('--grad-clip', type=float, default=1.0, help='clip the gradient norm to this (0: none)')
     a('--seed', type=int, default=1337)
     a = p.add_argument_group('target, evaluation and checkpoints').add_argument
-    a('--target-loss', type=float, default=0.099999, help='stop when the whole-text loss is below')
+    a('--target-loss', type=float, default=checkpoint.TARGET_LOSS, help='stop when the whole-text loss is below')
     a('--target-cooldown', type=int, default=None, help='after a whole-text evaluation that '
       'missed the target, train this many steps before the next (None: half a pass over the text '
       'and at least 10, so that the evaluations, each a forward pass over all of it, cost a '
@@ -351,7 +351,7 @@ class Run:
         windows = self.grad_accum * B * world
         state.tokens_seen += self.train_windows.targets(state.position, windows)  # all processes'
         state.position = (state.position + windows) % self.train_windows.n
-        state.step = step + 1
+        state.step, state.end = step + 1, None  # a run resumed after its end trains on
         stop = torch.tensor(float(self.stop_asked()), device=rt.device)
         if rt.ddp:  # the mean loss over processes; any process's signal stops them all at this step
             packed = torch.stack([loss, stop])
@@ -500,15 +500,17 @@ def finish(run, whole_loss):
             run.save()
             return run.stopped(f'after step {state.step - 1}, in the final evaluation')
         reached = whole_loss < args.target_loss
+    state.end = dict(whole_loss=whole_loss, target_loss=args.target_loss, reached=reached,
+                     first_step_s=run.first_step_s or 0)
     run.save()
     compiled = ', compile included' if run.rt.compile else ''
     run.log(f'{"target reached" if reached else "target NOT reached"} at step {state.step - 1} '
             f'({state.step} steps) | tokens seen: {state.tokens_seen:,} | wall time: '
-            f'{state.elapsed:.1f}s (first step {run.first_step_s or 0:.1f}s{compiled}) | '
+            f'{state.elapsed:.1f}s (first step {state.end["first_step_s"]:.1f}s{compiled}) | '
             f'whole-text loss: {whole_loss:.6f} (target {args.target_loss}) | checkpoint: '
             f'{run.ckpt_path}')
     if run.rt.master and args.samples > 0:
-        from inference import play_samples  # generation is written once, in inference.py
+        from generation import play_samples  # generation is written once, in generation.py
         for header, text in play_samples(run.raw_model, args.samples, args.seed):
             run.log(f'--- sample: {header}\n{text}')
     return 0
