@@ -459,9 +459,13 @@ def wait_for(condition, proc, timeout=180):
         time.sleep(0.05)
 
 
-# steps of 240 micro-steps of 2 x 128 tokens: over 10 s on a 2-core CPU, so that their progress shows
+# steps of 2,000 micro-steps of 2 x 128 tokens, so that their progress shows (it does after 10 s): about
+# 80 s on a 2-core Xeon, where 240 took 9.6 s and showed nothing. The tests stop them 10 s in, so the length
+# costs nothing.
+MICRO_STEPS = 2000
+SLOW_TOKENS = str(MICRO_STEPS * 2 * 128)
 SLOW_STEP = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '128', '--batch-size', '2',
-             '--total-batch-tokens', str(240 * 2 * 128), '--device', 'cpu', '--samples', '0', '--data-tokens', '20000',
+             '--total-batch-tokens', SLOW_TOKENS, '--device', 'cpu', '--samples', '0', '--data-tokens', '20000',
              '--max-steps', '1000', '--checkpoint-interval', '1', '--preset', 'gpu', '--dtype', 'float32', '--no-compile']
 
 
@@ -482,7 +486,7 @@ def interrupt_a_long_step(out, *argv):
             p.kill()
     shown = err.read_text()
     assert rc == 128 + signal.SIGINT and 'Traceback' not in shown, shown[-3000:]
-    done, elapsed = map(int, re.search(rf'step {step}: micro-step (\d+)/240, (\d+) s, about \d+ s left',
+    done, elapsed = map(int, re.search(rf'step {step}: micro-step (\d+)/{MICRO_STEPS}, (\d+) s, about \d+ s left',
                                        shown).groups())
     assert took < 2 * elapsed / done + 2, (took, elapsed / done)  # a micro-step and the checkpoint, not the step
     assert ': micro-step' not in (out / 'train.log').read_text()  # progress is for the terminal only
@@ -508,7 +512,7 @@ def test_ctrl_c_in_a_long_step_is_answered_within_a_micro_step(data, tmp_path):
                        '--out-dir', str(out)]) == 0
     before = checkpoint.load_training(str(out / 'ckpt.pt'))
     _, _, _, step = interrupt_a_long_step(out, '--resume', str(out / 'ckpt.pt'), '--total-batch-tokens',
-                                          str(240 * 2 * 128), '--max-steps', '1000')
+                                          SLOW_TOKENS, '--max-steps', '1000')
     log = (out / 'train.log').read_text()
     assert step == 1 and 'step 1 |' not in log
     assert log.splitlines()[-1] == (f'stopped by a signal during step 1; checkpoint after 1 steps: {out / "ckpt.pt"} '
@@ -531,7 +535,7 @@ def test_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(data, tmp_path):
     shutil.copy(out / 'ckpt.pt', tmp_path / 'pristine.pt')
     for attempt in range(6):
         shutil.copy(tmp_path / 'pristine.pt', out / 'ckpt.pt')  # each attempt from the same checkpoint
-        p = train_process('--resume', str(out / 'ckpt.pt'), '--total-batch-tokens', str(240 * 2 * 128),
+        p = train_process('--resume', str(out / 'ckpt.pt'), '--total-batch-tokens', SLOW_TOKENS,
                           '--max-steps', '1000')
         try:
             n_runs = (out / 'train.log').read_text().count('resumed from')
