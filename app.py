@@ -35,6 +35,7 @@ from data import gpt2_tokenizer
 MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
 MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)
 BATCH_ROWS = 8           # requests decoding together (logs/bench_app_cpu.md): one step reads the weights once for all
+CACHE_IDLE_S = 60        # the KV cache (604 MB for 8 rows of the 124M) is given back after this long with no request
 QUEUE_SIZE = 20          # requests waiting beyond those; the next one is told the queue is full, at once
 EXAMPLES = [  # openings from the play (input.txt): seed text, max tokens, temperature, top N, seed
     ['ROMEO:', 100, 0.7, 50, 1],
@@ -233,9 +234,9 @@ def make_tool_fn(generate_text):
 
 # ---- the page ----
 
-def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS, compile=False):
+def build_demo(source=None, announce=False, batch_rows=BATCH_ROWS, compile=False, cache_idle_s=CACHE_IDLE_S):
     model, path, about = load(source, compile)
-    server = Server(model, batch_rows) if model is not None else None
+    server = Server(model, batch_rows, idle_release_s=cache_idle_s) if model is not None else None
     if server is not None and compile:  # the server compiled it, or said in the log why it could not
         about += ', compiled decoding' if server.compiled else ', eager decoding (the compile failed: see the log)'
     metrics = find_metrics(source or os.environ.get(MODEL_ENV_VAR), path)
@@ -314,9 +315,15 @@ if __name__ == '__main__':
                         help='decode through one torch.compile graph (cpu_decode.py): faster per token; the '
                              'server compiles it before it listens (about a minute the first time for GPT-2 '
                              '124M, seconds once torch has it on disk)')
+    parser.add_argument('--cache-idle-s', type=float, default=CACHE_IDLE_S,
+                        help=f'seconds with no request after which the server gives its KV cache back (default: '
+                             f'{CACHE_IDLE_S}); the next request takes it again')
     args = parser.parse_args()
     if args.batch_rows < 1:
         parser.error('--batch-rows must be at least 1')
-    demo = build_demo(args.checkpoint, announce=True, batch_rows=args.batch_rows, compile=args.compile)
+    if not args.cache_idle_s > 0:
+        parser.error('--cache-idle-s must be above 0')
+    demo = build_demo(args.checkpoint, announce=True, batch_rows=args.batch_rows, compile=args.compile,
+                      cache_idle_s=args.cache_idle_s)
     # the page, gradio_client's API, and an MCP server at /gradio_api/mcp/ for agents
     demo.launch(server_name=args.host, server_port=args.port, mcp_server=True)

@@ -36,6 +36,10 @@ parser.add_argument('--compiled-rows', type=int, nargs='*', default=[],
 parser.add_argument('--clients', type=int, nargs='+', default=[1, 4, 8, 16], help='concurrent clients')
 parser.add_argument('--requests', type=int, default=2, help='requests per client, one after the other')
 parser.add_argument('--new-tokens', type=int, default=50, help='max tokens per request')
+parser.add_argument('--cache-idle-s', type=float, default=10,
+                    help="the servers' --cache-idle-s (default: 10, shorter than app.py's to keep this run short; "
+                         "the memory given back is the same). Their resident memory is taken at start, before any "
+                         "request, and again this long (and 3 s) after the last round")
 parser.add_argument('--out', default=os.path.join('logs', 'bench_app_cpu.md'), help='table file')
 args = parser.parse_args()
 
@@ -56,7 +60,8 @@ def start_server(rows, compiled, model_path, log_path):
     port = free_port()
     env = {**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False'}
     proc = subprocess.Popen([sys.executable, 'app.py', '--checkpoint', model_path, '--port', str(port),
-                             '--batch-rows', str(rows), *(['--compile'] if compiled else [])], env=env,
+                             '--batch-rows', str(rows), *(['--compile'] if compiled else []),
+                             '--cache-idle-s', str(args.cache_idle_s)], env=env,
                             stdout=open(log_path, 'w'), stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
     deadline = time.time() + 300
@@ -124,6 +129,7 @@ servers = {f'{rows}{", compiled" if compiled else ""}': start_server(rows, compi
                                                                    os.path.join(workdir, f'app-{rows}-{compiled}.log'))
            for rows, compiled in configs}
 rows_out = []
+idle = {rows: [memory(proc.pid)[0]] for rows, (proc, _) in servers.items()}  # up, no request yet
 try:
     for url in (url for _, url in servers.values()):  # warm-up: one request each
         round_of(url, 1)
@@ -145,6 +151,9 @@ try:
                   f"/ {row['first_p95']:.2f} s, last {row['last_med']:.2f} / {row['last_p95']:.2f} s, "
                   f"{row['answered']} answered, {row['refused']} refused, {row['failed']} failed, {rss:.0f} MiB",
                   flush=True)
+    time.sleep(args.cache_idle_s + 3)
+    for rows, (proc, _) in servers.items():
+        idle[rows].append(memory(proc.pid)[0])  # idle again, past --cache-idle-s
 finally:
     for proc, _ in servers.values():
         proc.terminate()
@@ -164,6 +173,10 @@ lines = ['# bench_app.py', '', f'command: `{" ".join(["python", "bench_app.py", 
 lines += [f"| {r['rows']} | {r['clients']} | {r['tok_s']:.1f} | {r['first_med']:.2f} / {r['first_p95']:.2f} | "
           f"{r['last_med']:.2f} / {r['last_p95']:.2f} | {r['answered']} | {r['refused']} | {r['failed']} | "
           f"{r['rss']:.0f} | {r['peak']:.0f} |" for r in rows_out]
+waited = f"{args.cache_idle_s + 3:g} s"
+lines += ['', f'Server RSS when idle (MiB): at start, before any request / {waited} after the last round', '',
+          '| batch rows | at start | after the rounds |', '|---|---|---|']
+lines += [f'| {rows} | {mib[0]:.0f} | {mib[-1]:.0f} |' for rows, mib in idle.items()]
 table = '\n'.join(lines) + '\n'
 print('\n' + table)
 os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)

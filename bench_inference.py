@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 import checkpoint
 from data import GPT2_VOCAB_SIZE, Windows, gpt2_tokenizer, load_tokens
-from cpu_decode import INT4_GROUP_SIZE, PRECISIONS, QuantizedLinear, prepare_for_generation
+from cpu_decode import prepare_for_generation
+from quantize import INT4_GROUP_SIZE, PRECISIONS, QuantizedLinear
 from generation import generate_ids, load_model, sample_next
 from model import GPT, KVCache
 

@@ -26,7 +26,8 @@ import time
 import torch
 
 import export
-from cpu_decode import PRECISIONS, PackagedDecoder, compile_decoding, prepare_for_generation
+from cpu_decode import PackagedDecoder, compile_decoding, prepare_for_generation
+from quantize import PRECISIONS
 from generation import MODEL_ENV_VAR, CheckpointError, default_precision, generate, load_model
 from model import KVCache
 from runtime import pick_device

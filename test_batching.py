@@ -2,6 +2,8 @@
 generation.generate_ids makes for each of them alone, with logits within the tolerance measured
 below; they join and leave between steps, finish on their own lengths and settings, and a removed
 one frees its row for the next. Tiny random models: seconds."""
+import time
+
 import pytest
 import torch
 
@@ -125,3 +127,27 @@ def test_sequences_stop_on_their_own_and_a_removed_one_frees_its_row(model):
     while batch:
         batch.step()
     assert goes_on.tokens == [EOT_TOKEN] * 5
+
+
+def test_a_server_holds_its_kv_cache_only_while_it_serves(model):
+    """A server takes its cache with its first request and gives it back after idle_release_s with
+    nothing to do (the memory of a quiet Space); the next request gets a new one and the same tokens."""
+    model, _ = model
+    lines = []
+    server = batching.Server(model, max_rows=2, log=lines.append, idle_release_s=0.3)
+    cache = server.batch.cache
+    assert cache.k is None  # started, compiled if it compiles: nothing held
+
+    def released(times):
+        deadline = time.time() + 60
+        while sum('KV cache released' in line for line in lines) < times:
+            assert time.time() < deadline, lines
+            time.sleep(0.02)
+
+    request = dict(max_new_tokens=6, temperature=0.7, top_k=50, seed=7)
+    first = list(server.submit([1, 2, 3], **request))
+    released(1)
+    assert cache.k is None and lines[-1] == f'batching: idle for 0.3 s, KV cache released ({cache.nbytes / 1e6:.0f} MB)'
+    assert list(server.submit([1, 2, 3], **request)) == first == list(generate_ids(model, [1, 2, 3], **request))
+    released(2)
+    assert cache.k is None

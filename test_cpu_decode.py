@@ -13,7 +13,8 @@ import cpu_decode
 import inference
 from batching import Batch, Sequence
 from conftest import TINY_CONFIG, run_cli, tiny_checkpoint
-from cpu_decode import PRECISIONS, prepare_for_generation
+from cpu_decode import prepare_for_generation
+from quantize import PRECISIONS
 from data import GPT2_VOCAB_SIZE
 from generation import generate_ids
 from model import GPT, GPTConfig, KVCache
@@ -171,15 +172,19 @@ def test_a_warmed_up_server_compiles_nothing_more(base):
     from torch._dynamo.utils import counters
     model = prepare_for_generation(copy.deepcopy(base), 'int8', compile=True)
     batch = Batch(model, max_rows=4)
+    batch.cache.allocate()
     model.compiled_decode.warm_up(batch.cache.k, batch.cache.v)
+    batch.cache.release()
     graphs = counters['stats']['unique_graphs']
-    batch.add(Sequence([1, 2, 3], max_new_tokens=20, temperature=0.7, seed=1))
-    for _ in range(5):
-        batch.step()  # a prompt pass, then one row
-    for ids in ([4], list(range(30, 70))):
-        batch.add(Sequence(ids, max_new_tokens=10, temperature=0))
-    while batch:
-        batch.step()  # three rows, then fewer as they finish
+    for _ in range(2):  # the second time in a cache allocated anew, as after a server's idle release
+        batch.add(Sequence([1, 2, 3], max_new_tokens=20, temperature=0.7, seed=1))
+        for _ in range(5):
+            batch.step()  # a prompt pass, then one row
+        for ids in ([4], list(range(30, 70))):
+            batch.add(Sequence(ids, max_new_tokens=10, temperature=0))
+        while batch:
+            batch.step()  # three rows, then fewer as they finish
+        batch.cache.release()
     assert counters['stats']['unique_graphs'] == graphs
 
 

@@ -19,7 +19,8 @@ import runtime
 import train
 from conftest import INPUT, TINY_CONFIG as TINY, run_cli, tiny_checkpoint
 from data import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer, load_tokens
-from cpu_decode import INT4_GROUP_SIZE, Int4Linear, Int8Linear, prepare_for_generation
+from cpu_decode import prepare_for_generation
+from quantize import INT4_GROUP_SIZE, Int4Linear, Int8Linear
 from generation import (CheckpointError, generate, generate_ids, load_model, newest_checkpoint, resolve_source, sample_next,
                        stream_text)
 from model import GPT, GPTConfig, KVCache

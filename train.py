@@ -318,8 +318,11 @@ class Run:
     def evaluate(self, windows=None, can_stop=False):
         """The loss over every target of windows (default: the training text); None if a stop
         request cut it short (only when can_stop)."""
-        return evaluate(self.raw_model, windows or self.train_windows, self.B, self.rt.autocast,
+        t0 = time.time()
+        loss = evaluate(self.raw_model, windows or self.train_windows, self.B, self.rt.autocast,
                         self.rt.rank, self.rt.world, self.stop_asked if can_stop else None)
+        self.eval_s = time.time() - t0  # what the last evaluation took: the whole-text lines say it
+        return loss
 
     def take_step(self, step):
         """Optimizer step `step`: (loss, gradient norm, learning rate, stop: whether every process
@@ -465,7 +468,8 @@ def train(argv, t_start):
             whole_loss = run.evaluate(can_stop=True)
             if whole_loss is not None:
                 row['whole_loss'] = whole_loss
-                log(f'whole-text loss after step {step}: {whole_loss:.6f} (target {args.target_loss})')
+                log(f'whole-text loss after step {step}: {whole_loss:.6f} (target {args.target_loss}), '
+                    f'{run.eval_s:.1f} s')
             next_check = step + run.cooldown
         # DDP processes act only on the stop they agreed on
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and not (
@@ -500,6 +504,8 @@ def finish(run, whole_loss):
             run.save()
             return run.stopped(f'after step {state.step - 1}, in the final evaluation')
         reached = whole_loss < args.target_loss
+        run.log(f'whole-text loss after step {state.step - 1}: {whole_loss:.6f} (target {args.target_loss}), '
+                f'{run.eval_s:.1f} s')
     state.end = dict(whole_loss=whole_loss, target_loss=args.target_loss, reached=reached,
                      first_step_s=run.first_step_s or 0)
     run.save()
