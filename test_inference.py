@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-import cpu_decode
+import quantize
 import runtime
 import train
 from conftest import INPUT, TINY_CONFIG as TINY, run_cli, tiny_checkpoint
@@ -417,9 +417,9 @@ def test_int8_and_int4_cost_what_readme_says_on_the_walkthrough_model(tmp_path, 
     """README's walk-through trained anew (about two minutes), then each precision judged position by
     position against float32 on the text it learnt, one window at a time. On a CPU of QUALITY it gives
     that run's figures to the digit: the margins allow one position of the 1,024 more or less, and a KL
-    20% off. A long prompt's int8 matmul runs in bf16, as the figures were measured (cpu_decode times
+    20% off. A long prompt's int8 matmul runs in bf16, as the figures were measured (quantize.py times
     bf16 against float32 once per process, and a loaded machine can pick float32: 99.71% and 4.6e-5)."""
-    monkeypatch.setattr(cpu_decode, 'prompt_matmul_dtype', lambda: torch.bfloat16)
+    monkeypatch.setattr(quantize, 'prompt_matmul_dtype', lambda: torch.bfloat16)
     shutil.copy(INPUT, tmp_path / 'input.txt')  # its token cache lands there
     # compiled or not is train.py's choice by a timing (a loaded machine compiles): pinned, as the runs
     # behind the figures were made, so that the run depends on the CPU alone
