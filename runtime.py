@@ -268,7 +268,8 @@ def pick_cpu_precision(args, rt, model, windows):
     if args.compile is None:
         run_s = per_sequence * args.total_batch_tokens / args.block_size / rt.world * args.max_steps
         use_compile = run_s >= CPU_COMPILE_MIN_RUN_SECONDS and cpp_compiler() is not None
-        why = f'{args.max_steps} steps take about {run_s / 3600:.1f} h at this speed'
+        span = f'{run_s / 3600:.1f} h' if run_s >= 5400 else f'{run_s / 60:.0f} min' if run_s >= 90 else f'{run_s:.0f} s'
+        why = f'{args.max_steps} step{"s" * (args.max_steps != 1)}: about {span} at this speed'
         if run_s >= CPU_COMPILE_MIN_RUN_SECONDS and not use_compile:
             why += ', but no C++ compiler was found'
         line += f'; compile: {"on" if use_compile else "off"} ({why})'

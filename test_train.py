@@ -673,7 +673,7 @@ def test_on_a_cpu_the_faster_dtype_trains_and_a_long_run_compiles(data, monkeypa
     assert isinstance(rt.autocast, contextlib.nullcontext) == (dtype == 'float32')
     assert line.startswith(f'CPU precision: {dtype} (one sequence forward and backward: float32 '
                            f'{times["float32"]:.2f} s, bfloat16 {times["bfloat16"]:.2f} s); compile: '
-                           f'{"on" if compiled else "off"} ({max_steps} steps take about ')
+                           f'{"on" if compiled else "off"} ({max_steps} steps: about ')
     # given flags are kept: no bfloat16 timing for --dtype float32, no compile decision for --no-compile
     calls.clear()
     args, _ = train.parse_args(['--device', 'cpu', '--dtype', 'float32', '--no-compile'])
