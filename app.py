@@ -35,7 +35,7 @@ from data import gpt2_tokenizer
 MAX_NEW_TOKENS = 500     # one request holds the CPU for at most ~10 s on 2 cores
 MAX_PROMPT_CHARS = 4000  # longer seed text keeps its end (the model sees the last 1024 tokens anyway)
 BATCH_ROWS = 8           # requests decoding together (logs/bench_app_cpu.md): one step reads the weights once for all
-CACHE_IDLE_S = 60        # the KV cache (up to 604 MB for the 124M) is given back after this long with no request
+CACHE_IDLE_S = 60        # the KV cache (604 MB for 8 rows of the 124M) is given back after this long with no request
 QUEUE_SIZE = 20          # requests waiting beyond those; the next one is told the queue is full, at once
 EXAMPLES = [  # openings from the play (input.txt): seed text, max tokens, temperature, top N, seed
     ['ROMEO:', 100, 0.7, 50, 1],

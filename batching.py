@@ -16,6 +16,7 @@ holds the two equal). Sequences join and leave between steps. A step that has a 
 sequence whose text outgrew the context) runs that sequence's prompt pass alone, into its own row of
 the cache, and the others wait for it; every other step decodes one token for every row at once.
 """
+import math
 import queue
 import threading
 import time
@@ -35,10 +36,9 @@ class RowsCache:
     to its own positions); a prompt pass fills one row through row(b), a plain KVCache over it.
 
     Its memory (k and v) is taken by allocate() and given back by release(), so that a server holds it
-    only while it serves. It grows with the rows in use, 1, 2, 4 ... max_rows of them (for GPT-2 124M
-    in float32, 75 MB a row of 1,024 positions), the rows in use copied across, except for a model
-    with a compiled decoding step: that step is made for the cache's strides, and a cache of another
-    size would compile it again, so it takes all max_rows at once."""
+    only while it serves (for GPT-2 124M, 8 rows of 1,024 positions in float32: 604 MB). It is one
+    block of the full size, not one that grows with the rows in use: the compiled decoding step is
+    made for the cache's strides, and a cache of another size would compile it again."""
 
     def __init__(self, config, max_rows, max_len, device=None):
         hs = config.n_embd // config.n_head
@@ -48,19 +48,13 @@ class RowsCache:
         self.n = 0
 
     @property
-    def nbytes(self):  # what it holds now
-        return 0 if self.k is None else 2 * self.k.nelement() * self.k.element_size()
+    def nbytes(self):
+        return 2 * math.prod(self.shape) * torch.get_default_dtype().itemsize
 
-    def allocate(self, rows=None):
-        """Hold at least `rows` rows (default: max_rows): the next power of two, at most max_rows."""
-        max_rows = self.shape[1]
-        want = max_rows if rows is None else min(max_rows, 1 << (rows - 1).bit_length())
-        if self.k is not None and self.k.size(1) >= want:
-            return
-        k, v = (torch.zeros((self.shape[0], want, *self.shape[2:]), device=self.device) for _ in 'kv')
-        if self.k is not None:  # the rows in use come along
-            k[:, :self.n], v[:, :self.n] = self.k[:, :self.n], self.v[:, :self.n]
-        self.k, self.v = k, v
+    def allocate(self):
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=self.device)
+            self.v = torch.zeros(self.shape, device=self.device)
 
     def release(self):
         assert self.n == 0, 'rows in use'
@@ -146,8 +140,7 @@ class Batch:
             raise ValueError(f'the batch is full ({self.max_rows} sequences)')
         if not seq.done:
             seq.ids = seq.ids[-self.block_size:]  # a longer prompt keeps its end, as in generate_ids
-            # a compiled decoding step is made for the whole cache; an eager one takes what it needs
-            self.cache.allocate(None if hasattr(self.model, 'compiled_decode') else len(self.seqs) + 1)
+            self.cache.allocate()
             self.cache.lengths[len(self.seqs)] = 0
             self.seqs.append(seq)
             self.cache.n = len(self.seqs)
@@ -270,9 +263,9 @@ class Server:
                 try:  # idle with a cache: wait idle_release_s, then give the cache back
                     stream = self.waiting.get(timeout=self.idle_release_s if idle else None)
                 except queue.Empty:
-                    held = self.batch.cache.nbytes
                     self.batch.cache.release()
-                    self.log(f'batching: idle for {self.idle_release_s:g} s, KV cache released ({held / 1e6:.0f} MB)')
+                    self.log(f'batching: idle for {self.idle_release_s:g} s, KV cache released '
+                             f'({self.batch.cache.nbytes / 1e6:.0f} MB)')
                     continue
                 if stream.closed:
                     stream.tokens.put(None)
